@@ -1,0 +1,1058 @@
+//! The bus: a node's caches, the publisher that batches its invalidations, and the receiver that
+//! applies its peers'.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::cache::{ApplyOutcome, FillOutcome, Lease, LoadError, Loaded, LocalCache};
+use crate::codec::{self, Batch, DecodeError, Heartbeat, Invalidation, Target};
+use crate::config::{CacheConfig, Limits};
+use crate::metrics::{BusMetrics, BusStats, CacheStats};
+use crate::transport::{InProcessHub, Link, LinkEvent, PublishError, Subjects};
+
+/// Microseconds since the Unix epoch, by this machine's clock.
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Why a bus could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A setting is missing or invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The NATS server could not be reached.
+    #[error("cannot connect to NATS: {0}")]
+    Connect(String),
+    /// The subscription could not be set up or was not confirmed by the server.
+    #[error("cannot subscribe: {0}")]
+    Subscribe(String),
+}
+
+/// Why an invalidation call failed. The local caches were invalidated in every case but
+/// [`InvalidateError::Invalid`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidateError {
+    /// The invalidation breaks a limit or a rule; nothing was applied.
+    #[error("invalid invalidation: {0}")]
+    Invalid(String),
+    /// The outbound queue is full: applied locally, but peers will not hear of it.
+    #[error("outbound queue full ({0} invalidations waiting): applied locally, not published")]
+    QueueFull(usize),
+    /// The bus is shut down: applied locally, not published.
+    #[error("the bus is shut down: applied locally, not published")]
+    Closed,
+    /// A cache of that name exists with another value type.
+    #[error("no cache named {0:?} on this bus")]
+    UnknownCache(String),
+}
+
+/// Why a named cache could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CacheError {
+    /// A cache of this name exists with another value type.
+    #[error("cache {0:?} exists with another value type")]
+    TypeMismatch(String),
+    /// The name is empty or too long.
+    #[error("invalid cache name {0:?}")]
+    InvalidName(String),
+}
+
+/// Where a batch stood when its publish finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The batch's sequence in this node's epoch.
+    pub seq: u64,
+}
+
+/// A handle on one invalidation's publish. It is already applied locally; await
+/// [`Ticket::published`] to learn when it left this node.
+#[derive(Debug)]
+pub struct Ticket {
+    rx: oneshot::Receiver<Result<Published, PublishError>>,
+}
+
+impl Ticket {
+    /// Waits until the batch carrying this invalidation was handed to the transport.
+    ///
+    /// With core NATS this does not prove that the server received it (a later issue adds
+    /// JetStream acknowledgements for that).
+    pub async fn published(self) -> Result<Published, PublishError> {
+        self.rx.await.unwrap_or(Err(PublishError::Closed))
+    }
+}
+
+/// A batch from a peer, as applied on this node: what the audit log's receipts are made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Node that published the batch.
+    pub origin: String,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Its sequence.
+    pub seq: u64,
+    /// When it was published, by the origin's clock (µs since the Unix epoch).
+    pub published_us: u64,
+    /// When this node finished applying it, by this node's clock.
+    pub applied_us: u64,
+    /// Number of invalidations in it.
+    pub invalidations: usize,
+    /// Entries removed at once.
+    pub dropped: u64,
+    /// Whether a cache was flushed by it.
+    pub flushed: bool,
+    /// Purge ids of the admin purges in it.
+    pub purge_ids: Vec<String>,
+}
+
+/// Another node as seen from its heartbeats and batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Its node id.
+    pub node_id: String,
+    /// Its current epoch.
+    pub epoch: u64,
+    /// Last sequence it says it published.
+    pub last_seq: u64,
+    /// Last sequence of it applied here.
+    pub applied_seq: u64,
+    /// Its admin address, if it serves one.
+    pub address: String,
+    /// Its caches and their sizes.
+    pub caches: Vec<(String, u64)>,
+    /// When this node last heard from it (µs since the Unix epoch, our clock).
+    pub last_seen_us: u64,
+}
+
+/// The object-safe face of a `LocalCache<V>` that the receiver applies invalidations to.
+trait Applier: Send + Sync {
+    fn apply<'a>(&'a self, target: &'a Target, version: Option<u64>) -> BoxFuture<'a, ApplyOutcome>;
+    fn flush(&self, cause: &str) -> ApplyOutcome;
+    fn stats(&self) -> CacheStats;
+    fn entry_count(&self) -> u64;
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+}
+
+impl<V: Clone + Send + Sync + 'static> Applier for LocalCache<V> {
+    fn apply<'a>(&'a self, target: &'a Target, version: Option<u64>) -> BoxFuture<'a, ApplyOutcome> {
+        Box::pin(LocalCache::apply(self, target, version))
+    }
+    fn flush(&self, cause: &str) -> ApplyOutcome {
+        LocalCache::flush(self, cause)
+    }
+    fn stats(&self) -> CacheStats {
+        LocalCache::stats(self)
+    }
+    fn entry_count(&self) -> u64 {
+        LocalCache::entry_count(self)
+    }
+    fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+}
+
+struct Outgoing {
+    invalidation: Invalidation,
+    done: Option<oneshot::Sender<Result<Published, PublishError>>>,
+}
+
+/// Builds a [`Bus`].
+///
+/// ```no_run
+/// # async fn f() -> Result<(), invalbus::BuildError> {
+/// let bus = invalbus::Bus::builder()
+///     .nats("nats://127.0.0.1:4222")
+///     .namespace("shop")
+///     .node_id("web-1")
+///     .build()
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct BusBuilder {
+    nats_url: Option<String>,
+    nats_options: Option<async_nats::ConnectOptions>,
+    hub: Option<InProcessHub>,
+    namespace: String,
+    node_id: Option<String>,
+    limits: Limits,
+    outbound_queue: usize,
+    heartbeat_interval: Duration,
+    ping_interval: Duration,
+    address: String,
+    actor: String,
+}
+
+impl Default for BusBuilder {
+    fn default() -> Self {
+        BusBuilder {
+            nats_url: None,
+            nats_options: None,
+            hub: None,
+            namespace: "default".into(),
+            node_id: None,
+            limits: Limits::default(),
+            outbound_queue: 65_536,
+            heartbeat_interval: Duration::from_secs(1),
+            ping_interval: Duration::from_millis(500),
+            address: String::new(),
+            actor: String::new(),
+        }
+    }
+}
+
+fn valid_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl BusBuilder {
+    /// Connects to NATS at `url` (comma-separated for several servers).
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().nats("nats://127.0.0.1:4222");
+    /// ```
+    pub fn nats(mut self, url: impl Into<String>) -> Self {
+        self.nats_url = Some(url.into());
+        self
+    }
+
+    /// Connection options for NATS: credentials (user and password, token, NKey, credentials
+    /// file) and TLS. The bus sets the ping interval, the name and the event callback itself.
+    ///
+    /// ```
+    /// let opts = async_nats::ConnectOptions::with_user_and_password("svc".into(), "secret".into());
+    /// let b = invalbus::Bus::builder().nats("nats://127.0.0.1:4222").nats_options(opts);
+    /// ```
+    pub fn nats_options(mut self, options: async_nats::ConnectOptions) -> Self {
+        self.nats_options = Some(options);
+        self
+    }
+
+    /// Uses an in-process hub instead of NATS (one process, no server).
+    ///
+    /// ```
+    /// let hub = invalbus::InProcessHub::new();
+    /// let b = invalbus::Bus::builder().in_process(&hub);
+    /// ```
+    pub fn in_process(mut self, hub: &InProcessHub) -> Self {
+        self.hub = Some(hub.clone());
+        self
+    }
+
+    /// The namespace: nodes see only invalidations of their own namespace. Letters, digits, `-`
+    /// and `_`.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().namespace("tenant_a");
+    /// ```
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// This node's id, unique in the namespace (default: random). Letters, digits, `-` and `_`.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().node_id("web-1");
+    /// ```
+    pub fn node_id(mut self, node_id: impl Into<String>) -> Self {
+        self.node_id = Some(node_id.into());
+        self
+    }
+
+    /// Size limits for everything that enters the bus.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().limits(invalbus::Limits { max_key_bytes: 256, ..Default::default() });
+    /// ```
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// How many invalidations may wait to be published before calls return
+    /// [`InvalidateError::QueueFull`] (default 65,536).
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().outbound_queue(1024);
+    /// ```
+    pub fn outbound_queue(mut self, n: usize) -> Self {
+        self.outbound_queue = n.max(1);
+        self
+    }
+
+    /// How often this node publishes its heartbeat (default 1 s).
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().heartbeat_interval(std::time::Duration::from_millis(250));
+    /// ```
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.heartbeat_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// NATS ping interval (default 500 ms: a silent partition is noticed within about three
+    /// intervals; the client's own default of 60 s takes about three minutes).
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().ping_interval(std::time::Duration::from_secs(1));
+    /// ```
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    /// The admin address this node announces in its heartbeats.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().address("10.0.0.5:7700");
+    /// ```
+    pub fn address(mut self, address: impl Into<String>) -> Self {
+        self.address = address.into();
+        self
+    }
+
+    /// The actor recorded on this node's invalidations when a call names none (default: the
+    /// node id).
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().actor("orders-service");
+    /// ```
+    pub fn actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = actor.into();
+        self
+    }
+
+    /// Connects, subscribes, and waits until the server confirms the subscription (this node's
+    /// first heartbeat comes back), so no invalidation published after `build` returns is missed.
+    pub async fn build(self) -> Result<Bus, BuildError> {
+        if !valid_token(&self.namespace) {
+            return Err(BuildError::Config(format!("namespace {:?}: use 1-128 letters, digits, '-' or '_'", self.namespace)));
+        }
+        let node_id = self.node_id.clone().unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()));
+        if !valid_token(&node_id) {
+            return Err(BuildError::Config(format!("node id {node_id:?}: use 1-128 letters, digits, '-' or '_'")));
+        }
+        let (event_tx, event_rx) = mpsc::channel::<LinkEvent>(1024);
+        let link = match (&self.hub, &self.nats_url) {
+            (Some(hub), None) => Link::InProcess(hub.clone()),
+            (None, Some(url)) => {
+                let tx = event_tx.clone();
+                let options = self
+                    .nats_options
+                    .unwrap_or_default()
+                    .name(format!("invalbus:{}:{}", self.namespace, node_id))
+                    .ping_interval(self.ping_interval)
+                    .connection_timeout(Duration::from_secs(2))
+                    .event_callback(move |event| {
+                        let tx = tx.clone();
+                        async move {
+                            let ev = match event {
+                                async_nats::Event::Connected => Some(LinkEvent::Connected),
+                                async_nats::Event::Disconnected => Some(LinkEvent::Disconnected),
+                                async_nats::Event::SlowConsumer(_) => Some(LinkEvent::SlowConsumer),
+                                other => {
+                                    tracing::debug!(event = %other, "nats event");
+                                    None
+                                }
+                            };
+                            if let Some(ev) = ev {
+                                // A full channel means the receiver already has events to act on.
+                                let _ = tx.try_send(ev);
+                            }
+                        }
+                    });
+                let client = options.connect(url.as_str()).await.map_err(|e| BuildError::Connect(format!("{url}: {e}")))?;
+                Link::Nats(client)
+            }
+            (Some(_), Some(_)) => return Err(BuildError::Config("choose either nats(..) or in_process(..), not both".into())),
+            (None, None) => return Err(BuildError::Config("no transport: call nats(url) or in_process(&hub)".into())),
+        };
+        let subjects = Subjects::new(&self.namespace);
+        let stream = link.subscribe(subjects.all(), 65_536).await.map_err(BuildError::Subscribe)?;
+        let (out_tx, out_rx) = mpsc::channel(self.outbound_queue);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let epoch = loop {
+            let e = rand::random::<u64>();
+            if e != 0 {
+                break e;
+            }
+        };
+        let actor = if self.actor.is_empty() { node_id.clone() } else { self.actor.clone() };
+        let inner = Arc::new(BusInner {
+            node_id,
+            namespace: self.namespace,
+            epoch,
+            actor,
+            address: self.address,
+            limits: self.limits,
+            subjects,
+            link,
+            caches: RwLock::new(HashMap::new()),
+            outbox: out_tx,
+            outbound_capacity: self.outbound_queue,
+            last_seq: AtomicU64::new(0),
+            metrics: BusMetrics::default(),
+            applied: broadcast::channel(4096).0,
+            peers: Mutex::new(HashMap::new()),
+            shutdown: shutdown_tx,
+            self_heartbeat: watch::channel(0).0,
+        });
+        let mut tasks = Vec::new();
+        let span = tracing::info_span!("bus", node = %inner.node_id, ns = %inner.namespace);
+        tasks.push(tokio::spawn(publisher(inner.clone(), out_rx, shutdown_rx.clone()).instrument(span.clone())));
+        tasks.push(tokio::spawn(receiver(inner.clone(), stream, event_rx, shutdown_rx.clone()).instrument(span.clone())));
+        tasks.push(tokio::spawn(heartbeats(inner.clone(), self.heartbeat_interval, shutdown_rx).instrument(span)));
+        // The first heartbeat coming back proves the server has our subscription.
+        let mut seen = inner.self_heartbeat.subscribe();
+        let confirmed = tokio::time::timeout(Duration::from_secs(10), seen.wait_for(|n| *n > 0)).await;
+        if !matches!(confirmed, Ok(Ok(_))) {
+            let _ = inner.shutdown.send(true);
+            return Err(BuildError::Subscribe("own heartbeat did not come back within 10 s".into()));
+        }
+        tracing::info!(node = %inner.node_id, ns = %inner.namespace, epoch = inner.epoch, transport = inner.link.kind(), "bus up");
+        Ok(Bus { inner, tasks: Arc::new(Mutex::new(tasks)) })
+    }
+}
+
+struct BusInner {
+    node_id: String,
+    namespace: String,
+    epoch: u64,
+    actor: String,
+    address: String,
+    limits: Limits,
+    subjects: Subjects,
+    link: Link,
+    caches: RwLock<HashMap<String, Arc<dyn Applier>>>,
+    outbox: mpsc::Sender<Outgoing>,
+    outbound_capacity: usize,
+    last_seq: AtomicU64,
+    metrics: BusMetrics,
+    applied: broadcast::Sender<Applied>,
+    peers: Mutex<HashMap<String, PeerState>>,
+    shutdown: watch::Sender<bool>,
+    self_heartbeat: watch::Sender<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct PeerState {
+    epoch: u64,
+    applied_seq: u64,
+    announced_seq: u64,
+    address: String,
+    caches: Vec<(String, u64)>,
+    last_seen_us: u64,
+}
+
+/// A node's handle on the bus: its caches, its invalidations, and what it knows of its peers.
+/// Cloning is cheap; every clone shares the same node.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use invalbus::{Bus, CacheConfig, InProcessHub, Loaded};
+/// let hub = InProcessHub::new();
+/// let a = Bus::builder().in_process(&hub).namespace("doc").node_id("a").build().await?;
+/// let b = Bus::builder().in_process(&hub).namespace("doc").node_id("b").build().await?;
+/// let ca = a.cache::<String>("articles", CacheConfig::new(1000))?;
+/// let cb = b.cache::<String>("articles", CacheConfig::new(1000))?;
+/// let v = cb.get_or_load("hello", || async { Ok::<_, std::io::Error>(Loaded::new("v1".to_string()).tag("articles")) }).await?;
+/// assert_eq!(v, "v1");
+/// ca.invalidate_tag("articles").await?.published().await?;
+/// // b applies a's purge within a moment:
+/// for _ in 0..500 { if cb.get("hello").await.is_none() { break; } tokio::time::sleep(std::time::Duration::from_millis(10)).await; }
+/// assert_eq!(cb.get("hello").await, None);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<BusInner>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("node_id", &self.inner.node_id)
+            .field("namespace", &self.inner.namespace)
+            .field("epoch", &self.inner.epoch)
+            .finish()
+    }
+}
+
+impl Bus {
+    /// A builder with default settings.
+    pub fn builder() -> BusBuilder {
+        BusBuilder::default()
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    /// This node's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// This process's epoch (random per start).
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    /// `nats` or `in-process`.
+    pub fn transport(&self) -> &'static str {
+        self.inner.link.kind()
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Opens the named cache, creating it with `config` the first time. Opening it again returns
+    /// the same cache (and ignores `config`).
+    pub fn cache<V: Clone + Send + Sync + 'static>(&self, name: &str, config: CacheConfig) -> Result<Cache<V>, CacheError> {
+        if name.is_empty() || name.len() > self.inner.limits.max_key_bytes {
+            return Err(CacheError::InvalidName(name.to_owned()));
+        }
+        let mut caches = self.inner.caches.write().unwrap_or_else(|e| e.into_inner());
+        let applier = caches
+            .entry(name.to_owned())
+            .or_insert_with(|| LocalCache::<V>::new(name, config, self.inner.limits.max_tags_per_entry) as Arc<dyn Applier>)
+            .clone();
+        let local = applier.as_any().downcast::<LocalCache<V>>().map_err(|_| CacheError::TypeMismatch(name.to_owned()))?;
+        Ok(Cache { local, bus: self.clone() })
+    }
+
+    /// Applies an invalidation to the named cache (or every cache) of this node, then queues it
+    /// for the peers. Returns once the local caches are invalidated.
+    pub async fn invalidate(&self, mut invalidation: Invalidation) -> Result<Ticket, InvalidateError> {
+        codec::check_invalidation(&invalidation, &self.inner.limits).map_err(InvalidateError::Invalid)?;
+        if invalidation.actor.is_empty() {
+            invalidation.actor = self.inner.actor.clone();
+        }
+        let caches = self.inner.targets(invalidation.cache.as_deref());
+        if let (Some(name), true) = (&invalidation.cache, caches.is_empty()) {
+            // Peers may hold the cache even if this node does not: still publish.
+            tracing::debug!(cache = %name, "invalidation of a cache this node does not hold");
+        }
+        // Applied here before the call returns: a read on this node after it sees the effect.
+        for c in &caches {
+            c.apply(&invalidation.target, invalidation.version).await;
+        }
+        self.enqueue(invalidation)
+    }
+
+    fn enqueue(&self, invalidation: Invalidation) -> Result<Ticket, InvalidateError> {
+        let (tx, rx) = oneshot::channel();
+        match self.inner.outbox.try_send(Outgoing { invalidation, done: Some(tx) }) {
+            Ok(()) => Ok(Ticket { rx }),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.inner.metrics.publish_queue_full.inc();
+                tracing::warn!(node = %self.inner.node_id, "outbound queue full: invalidation applied locally, not published");
+                Err(InvalidateError::QueueFull(self.inner.outbound_capacity))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(InvalidateError::Closed),
+        }
+    }
+
+    /// Figures of the bus.
+    pub fn stats(&self) -> BusStats {
+        self.inner.metrics.snapshot()
+    }
+
+    /// Figures of every cache on this node.
+    pub fn cache_stats(&self) -> Vec<CacheStats> {
+        let caches = self.inner.caches.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = caches.values().map(|c| c.stats()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The peers this node has heard from.
+    pub fn peers(&self) -> Vec<Peer> {
+        let peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = peers
+            .iter()
+            .map(|(id, p)| Peer {
+                node_id: id.clone(),
+                epoch: p.epoch,
+                last_seq: p.announced_seq.max(p.applied_seq),
+                applied_seq: p.applied_seq,
+                address: p.address.clone(),
+                caches: p.caches.clone(),
+                last_seen_us: p.last_seen_us,
+            })
+            .collect();
+        v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        v
+    }
+
+    /// The sequence of the last batch this node published.
+    pub fn last_published_seq(&self) -> u64 {
+        self.inner.last_seq.load(Ordering::SeqCst)
+    }
+
+    /// A stream of the peers' batches as this node applies them.
+    pub fn subscribe_applied(&self) -> broadcast::Receiver<Applied> {
+        self.inner.applied.subscribe()
+    }
+
+    /// Publishes what is queued, then stops the bus's tasks. Caches stay readable.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.shutdown.send(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        if let Link::Nats(client) = &self.inner.link {
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.drain()).await;
+        }
+    }
+}
+
+impl BusInner {
+    fn targets(&self, cache: Option<&str>) -> Vec<Arc<dyn Applier>> {
+        let caches = self.caches.read().unwrap_or_else(|e| e.into_inner());
+        match cache {
+            Some(name) => caches.get(name).cloned().into_iter().collect(),
+            None => caches.values().cloned().collect(),
+        }
+    }
+
+    fn flush_all(&self, cause: &str) {
+        for c in self.targets(None) {
+            c.flush(cause);
+        }
+    }
+}
+
+/// A named cache on a bus: reads are local; invalidations apply here at once and travel to
+/// every peer.
+pub struct Cache<V> {
+    local: Arc<LocalCache<V>>,
+    bus: Bus,
+}
+
+impl<V> Clone for Cache<V> {
+    fn clone(&self) -> Self {
+        Cache { local: self.local.clone(), bus: self.bus.clone() }
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> Cache<V> {
+    /// The cache's name.
+    pub fn name(&self) -> &str {
+        self.local.name()
+    }
+
+    /// The bus this cache belongs to.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// The cached value of `key`, if a valid entry holds it.
+    #[inline]
+    pub async fn get(&self, key: &str) -> Option<V> {
+        self.local.get(key).await
+    }
+
+    /// Reads through the cache. On a miss, `loader` runs once for all concurrent callers of the
+    /// key; its value is returned to them and cached under its tags and version unless an
+    /// invalidation that covers it landed while it ran (then it is returned but not cached).
+    pub async fn get_or_load<F, Fut, E>(&self, key: &str, loader: F) -> Result<V, LoadError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<V>, E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if key.len() > self.bus.inner.limits.max_key_bytes {
+            // Too long to cache or to invalidate: serve it straight from the loader.
+            return loader().await.map(|l| l.value).map_err(|e| LoadError(Arc::from(e.into())));
+        }
+        self.local.get_or_load(key, loader).await
+    }
+
+    /// Starts a load of `key` outside `get_or_load` (for callers that load elsewhere, such as
+    /// the sidecar's clients): fill the reservation when the value is read.
+    pub fn reserve(&self, key: &str) -> Reservation<V> {
+        let lease = self.local.lease(key);
+        Reservation { local: self.local.clone(), key: key.to_owned(), lease: Some(lease) }
+    }
+
+    /// Invalidates `key` here and on every peer.
+    pub async fn invalidate_key(&self, key: &str) -> Result<Ticket, InvalidateError> {
+        self.invalidate(Target::Key(key.to_owned()), None).await
+    }
+
+    /// Invalidates `key` at `version`: entries of a lower version are dropped, and fills of a
+    /// lower version are refused for the cache's version window.
+    pub async fn invalidate_version(&self, key: &str, version: u64) -> Result<Ticket, InvalidateError> {
+        self.invalidate(Target::Key(key.to_owned()), Some(version)).await
+    }
+
+    /// Drops every entry carrying `tag`, here and on every peer.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<Ticket, InvalidateError> {
+        self.invalidate(Target::Tag(tag.to_owned()), None).await
+    }
+
+    /// Drops every entry whose key starts with `prefix`, here and on every peer.
+    pub async fn invalidate_prefix(&self, prefix: &str) -> Result<Ticket, InvalidateError> {
+        self.invalidate(Target::Prefix(prefix.to_owned()), None).await
+    }
+
+    /// Drops everything in this cache, here and on every peer.
+    pub async fn invalidate_all(&self) -> Result<Ticket, InvalidateError> {
+        self.invalidate(Target::All, None).await
+    }
+
+    async fn invalidate(&self, target: Target, version: Option<u64>) -> Result<Ticket, InvalidateError> {
+        let mut inv = Invalidation::new(Some(self.name()), target);
+        inv.version = version;
+        self.bus.invalidate(inv).await
+    }
+
+    /// Figures of this cache.
+    pub fn stats(&self) -> CacheStats {
+        self.local.stats()
+    }
+
+    /// Entries held (approximate; hidden entries count until swept).
+    pub fn entry_count(&self) -> u64 {
+        self.local.entry_count()
+    }
+
+    /// Runs moka's pending maintenance, so that counts settle.
+    pub async fn run_pending_tasks(&self) {
+        self.local.run_pending_tasks().await
+    }
+}
+
+/// A load of one key in progress outside `get_or_load`; dropping it abandons the load.
+pub struct Reservation<V: Clone + Send + Sync + 'static> {
+    local: Arc<LocalCache<V>>,
+    key: String,
+    lease: Option<Arc<Lease>>,
+}
+
+impl<V: Clone + Send + Sync + 'static> Reservation<V> {
+    /// The reserved key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Caches the loaded value unless an invalidation covering it landed since the reservation.
+    pub async fn fill(mut self, loaded: Loaded<V>) -> FillOutcome {
+        let Some(lease) = self.lease.take() else { return FillOutcome::Refused };
+        let outcome = self.local.fill(&self.key, &lease, loaded).await;
+        self.local.release(&self.key, &lease);
+        outcome
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> Drop for Reservation<V> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.local.release(&self.key, &lease);
+        }
+    }
+}
+
+/// Batches queued invalidations into messages and publishes them, in order.
+///
+/// Natural batching: it waits for the first invalidation, then takes whatever else is already
+/// queued (up to the size limits) and sends at once. An idle link sends each invalidation
+/// alone with no added delay; a busy one sends fewer, larger messages, so a burst of writes
+/// does not become a storm of messages.
+async fn publisher(inner: Arc<BusInner>, mut rx: mpsc::Receiver<Outgoing>, mut shutdown: watch::Receiver<bool>) {
+    let subject = inner.subjects.inv(&inner.node_id);
+    let max_items = inner.limits.max_batch_invalidations;
+    let max_bytes = inner.limits.max_publish_bytes;
+    let mut closing = false;
+    loop {
+        let first = if closing {
+            match rx.try_recv() {
+                Ok(x) => x,
+                Err(_) => return,
+            }
+        } else {
+            tokio::select! {
+                x = rx.recv() => match x { Some(x) => x, None => return },
+                _ = shutdown.wait_for(|s| *s) => { closing = true; continue; }
+            }
+        };
+        let mut bytes = codec::encoded_len(&first.invalidation) + 64;
+        let mut items = vec![first];
+        while items.len() < max_items {
+            match rx.try_recv() {
+                Ok(next) => {
+                    let len = codec::encoded_len(&next.invalidation);
+                    if bytes + len > max_bytes {
+                        // Keep it for the next batch.
+                        publish_batch(&inner, &subject, std::mem::take(&mut items)).await;
+                        bytes = 64;
+                    }
+                    bytes += len;
+                    items.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        if !items.is_empty() {
+            publish_batch(&inner, &subject, items).await;
+        }
+    }
+}
+
+async fn publish_batch(inner: &BusInner, subject: &str, items: Vec<Outgoing>) {
+    let seq = inner.last_seq.load(Ordering::SeqCst) + 1;
+    let (invalidations, done): (Vec<_>, Vec<_>) = items.into_iter().map(|o| (o.invalidation, o.done)).unzip();
+    let n = invalidations.len() as u64;
+    let batch = Batch {
+        origin: inner.node_id.clone(),
+        epoch: inner.epoch,
+        seq,
+        timestamp_us: now_us(),
+        namespace: inner.namespace.clone(),
+        invalidations,
+    };
+    let payload = codec::encode_batch(&batch);
+    let result = inner.link.publish(subject.to_owned(), payload).await;
+    match &result {
+        Ok(()) => {
+            inner.last_seq.store(seq, Ordering::SeqCst);
+            inner.metrics.batches_published.inc();
+            inner.metrics.invalidations_published.add(n);
+            tracing::trace!(node = %inner.node_id, seq, n, "batch published");
+        }
+        Err(e) => {
+            inner.metrics.publish_errors.inc();
+            tracing::warn!(node = %inner.node_id, seq, n, error = %e, "batch not published");
+        }
+    }
+    let result = result.map(|()| Published { seq });
+    for d in done.into_iter().flatten() {
+        let _ = d.send(result.clone());
+    }
+}
+
+/// Publishes this node's heartbeat every interval.
+async fn heartbeats(inner: Arc<BusInner>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    let subject = inner.subjects.hb(&inner.node_id);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let hb = Heartbeat {
+            origin: inner.node_id.clone(),
+            epoch: inner.epoch,
+            last_seq: inner.last_seq.load(Ordering::SeqCst),
+            timestamp_us: now_us(),
+            address: inner.address.clone(),
+            namespace: inner.namespace.clone(),
+            caches: inner
+                .caches
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(n, c)| (n.clone(), c.entry_count()))
+                .collect(),
+        };
+        if let Err(e) = inner.link.publish(subject.clone(), codec::encode_heartbeat(&hb)).await {
+            tracing::debug!(error = %e, "heartbeat not published");
+        }
+    }
+}
+
+/// Receives the namespace's messages and applies peers' batches, in order per origin.
+async fn receiver(
+    inner: Arc<BusInner>,
+    mut stream: futures::stream::BoxStream<'static, Result<crate::transport::Received, LinkEvent>>,
+    mut events: mpsc::Receiver<LinkEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let item = tokio::select! {
+            m = stream.next() => match m { Some(m) => m, None => return },
+            Some(ev) = events.recv() => Err(ev),
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        match item {
+            Ok(msg) => on_message(&inner, &msg.subject, &msg.payload).await,
+            Err(LinkEvent::SlowConsumer) => {
+                inner.metrics.gaps.inc();
+                tracing::warn!(node = %inner.node_id, "slow consumer: messages were dropped; flushing caches");
+                inner.flush_all("slow consumer");
+            }
+            Err(LinkEvent::Disconnected) => {
+                tracing::warn!(node = %inner.node_id, "disconnected from NATS");
+            }
+            Err(LinkEvent::Connected) => {
+                // Whatever was published while we were away is lost to core NATS.
+                tracing::warn!(node = %inner.node_id, "reconnected to NATS; flushing caches (messages may have been missed)");
+                inner.metrics.gaps.inc();
+                inner.flush_all("reconnect");
+            }
+        }
+    }
+}
+
+fn count_refusal(inner: &BusInner, origin: &str, e: &DecodeError) {
+    let m = &inner.metrics;
+    match e {
+        DecodeError::Oversized { .. } => m.oversized.inc(),
+        DecodeError::Malformed(_) => m.malformed.inc(),
+        DecodeError::Invalid(_) => m.invalid.inc(),
+        DecodeError::Foreign(_) => m.foreign.inc(),
+    }
+    tracing::warn!(node = %inner.node_id, origin, kind = e.kind(), error = %e, "message dropped");
+}
+
+async fn on_message(inner: &BusInner, subject: &str, payload: &[u8]) {
+    let Some((kind, origin)) = inner.subjects.parse(subject) else {
+        inner.metrics.invalid.inc();
+        tracing::warn!(node = %inner.node_id, subject, "message on an unknown subject dropped");
+        return;
+    };
+    match kind {
+        "inv" => {
+            if origin == inner.node_id {
+                inner.metrics.echoes_skipped.inc();
+                return;
+            }
+            match codec::decode_batch(payload, &inner.namespace, &inner.limits) {
+                Ok(batch) if batch.origin != origin => {
+                    let e = DecodeError::Invalid(format!("origin {:?} published on the subject of {origin:?}", batch.origin));
+                    count_refusal(inner, origin, &e);
+                }
+                Ok(batch) => apply_batch(inner, batch).await,
+                Err(e) => count_refusal(inner, origin, &e),
+            }
+        }
+        "hb" => match codec::decode_heartbeat(payload, &inner.namespace, &inner.limits) {
+            Ok(hb) if hb.origin == inner.node_id => {
+                if hb.epoch == inner.epoch {
+                    inner.self_heartbeat.send_modify(|n| *n += 1);
+                }
+            }
+            Ok(hb) if hb.origin != origin => {
+                let e = DecodeError::Invalid(format!("heartbeat of {:?} on the subject of {origin:?}", hb.origin));
+                count_refusal(inner, origin, &e);
+            }
+            Ok(hb) => on_heartbeat(inner, hb),
+            Err(e) => count_refusal(inner, origin, &e),
+        },
+        _ => {
+            inner.metrics.invalid.inc();
+            tracing::warn!(node = %inner.node_id, subject, "message on an unknown subject dropped");
+        }
+    }
+}
+
+fn on_heartbeat(inner: &BusInner, hb: Heartbeat) {
+    inner.metrics.heartbeats_received.inc();
+    let mut peers = inner.peers.lock().unwrap_or_else(|e| e.into_inner());
+    let p = peers.entry(hb.origin.clone()).or_insert_with(|| PeerState {
+        epoch: hb.epoch,
+        applied_seq: hb.last_seq,
+        announced_seq: hb.last_seq,
+        address: String::new(),
+        caches: Vec::new(),
+        last_seen_us: 0,
+    });
+    if p.epoch != hb.epoch {
+        // The peer restarted: a new epoch starts its sequence afresh.
+        p.epoch = hb.epoch;
+        p.applied_seq = hb.last_seq;
+    }
+    p.announced_seq = hb.last_seq;
+    p.address = hb.address;
+    p.caches = hb.caches;
+    p.last_seen_us = now_us();
+}
+
+async fn apply_batch(inner: &BusInner, batch: Batch) {
+    let span = tracing::debug_span!("apply", node = %inner.node_id, origin = %batch.origin, epoch = batch.epoch, seq = batch.seq);
+    async {
+        {
+            let mut peers = inner.peers.lock().unwrap_or_else(|e| e.into_inner());
+            let p = peers.entry(batch.origin.clone()).or_insert_with(|| PeerState {
+                epoch: batch.epoch,
+                applied_seq: batch.seq - 1,
+                announced_seq: 0,
+                address: String::new(),
+                caches: Vec::new(),
+                last_seen_us: 0,
+            });
+            if p.epoch != batch.epoch {
+                p.epoch = batch.epoch;
+                p.applied_seq = batch.seq - 1;
+                p.announced_seq = 0;
+            }
+            if batch.seq <= p.applied_seq {
+                inner.metrics.duplicates.inc();
+                tracing::debug!("duplicate batch ignored");
+                return;
+            }
+            if batch.seq > p.applied_seq + 1 {
+                inner.metrics.gaps.inc();
+                tracing::warn!(missing = batch.seq - p.applied_seq - 1, "gap in the origin's sequence; flushing caches");
+                drop(peers);
+                inner.flush_all("gap");
+                peers = inner.peers.lock().unwrap_or_else(|e| e.into_inner());
+            }
+            if let Some(p) = peers.get_mut(&batch.origin) {
+                p.applied_seq = batch.seq;
+                p.last_seen_us = now_us();
+            }
+        }
+        let mut dropped = 0;
+        let mut flushed = false;
+        let mut purge_ids = Vec::new();
+        for inv in &batch.invalidations {
+            let caches = inner.targets(inv.cache.as_deref());
+            if caches.is_empty() && inv.cache.is_some() {
+                inner.metrics.unknown_cache.inc();
+            }
+            for c in caches {
+                let out = c.apply(&inv.target, inv.version).await;
+                dropped += out.dropped;
+                flushed |= out.flushed;
+            }
+            if !inv.purge_id.is_empty() {
+                purge_ids.push(inv.purge_id.clone());
+            }
+        }
+        let applied_us = now_us();
+        inner.metrics.batches_received.inc();
+        inner.metrics.invalidations_received.add(batch.invalidations.len() as u64);
+        inner.metrics.propagation.record(applied_us.saturating_sub(batch.timestamp_us));
+        let _ = inner.applied.send(Applied {
+            origin: batch.origin,
+            epoch: batch.epoch,
+            seq: batch.seq,
+            published_us: batch.timestamp_us,
+            applied_us,
+            invalidations: batch.invalidations.len(),
+            dropped,
+            flushed,
+            purge_ids,
+        });
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,809 @@
+//! One named local cache: moka entries stamped with a generation, purge records checked on read,
+//! and leases that keep a load overtaken by an invalidation from being cached (the stale-fill race).
+//!
+//! # How an entry stays coherent
+//! Every cache has a generation counter. Each invalidation takes the next generation `g`; each
+//! load takes a *lease* that remembers the generation `s` when it started. An entry is filled
+//! with its lease's stamp `s` and is visible only while no invalidation that covers it has a
+//! generation above `s`:
+//! - a key invalidation marks the key's open leases and removes the entry from moka;
+//! - a versioned key invalidation raises the key's version floor (fills below it are refused for
+//!   a window) and removes the entry if its version is lower;
+//! - a tag or prefix purge writes a record `(tag or prefix, g)` that reads check, so it takes
+//!   effect at once for any number of entries; a background sweep then removes the covered
+//!   entries to free space. Records are kept for one time to live (after which every entry they
+//!   could cover has expired) and are folded into a whole-cache flush when there are too many;
+//! - a flush of everything raises `all_gen`, which every read checks.
+//!
+//! A fill is inserted *unsealed* (invisible), checked again against everything above, and only
+//! then sealed; a check that fails removes it. So an invalidation that lands at any point of a
+//! load, before or after the insert, either refuses the fill or removes it, and no reader ever
+//! sees the value in between. moka's own `get_with` does not give this, and its
+//! `invalidate_entries_if` leaves matching entries behind; neither is used.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
+
+use crate::codec::Target;
+use crate::config::CacheConfig;
+use crate::metrics::{CacheMetrics, CacheStats};
+
+/// A value returned by a loader, with the tags and version it is cached under.
+///
+/// ```
+/// let loaded = invalbus::Loaded::new("hello".to_string()).tag("greetings").version(3);
+/// assert_eq!(loaded.tags, vec!["greetings".to_string()]);
+/// assert_eq!(loaded.version, Some(3));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded<V> {
+    /// The value.
+    pub value: V,
+    /// Tags: a purge of any of them drops the entry.
+    pub tags: Vec<String>,
+    /// The version of the data (for example the row's version column).
+    pub version: Option<u64>,
+    /// A time to live shorter than the cache's, for this entry only.
+    pub ttl: Option<Duration>,
+}
+
+impl<V> Loaded<V> {
+    /// A value with no tags and no version.
+    pub fn new(value: V) -> Self {
+        Loaded { value, tags: Vec::new(), version: None, ttl: None }
+    }
+
+    /// Adds a tag.
+    ///
+    /// ```
+    /// let l = invalbus::Loaded::new(1u8).tag("a").tag("b");
+    /// assert_eq!(l.tags.len(), 2);
+    /// ```
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tags.push(tag.into());
+        self
+    }
+
+    /// Sets the version.
+    ///
+    /// ```
+    /// assert_eq!(invalbus::Loaded::new(1u8).version(9).version, Some(9));
+    /// ```
+    pub fn version(mut self, version: u64) -> Self {
+        self.version = Some(version);
+        self
+    }
+
+    /// Sets a time to live for this entry (capped by the cache's).
+    ///
+    /// ```
+    /// let l = invalbus::Loaded::new(1u8).ttl(std::time::Duration::from_secs(1));
+    /// assert!(l.ttl.is_some());
+    /// ```
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+}
+
+/// What became of a fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillOutcome {
+    /// The value is cached.
+    Filled,
+    /// The value was not cached because an invalidation overtook its load (or its version is
+    /// below the key's floor, or the cache cannot vouch for itself right now).
+    Refused,
+}
+
+/// What applying one invalidation did to a cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// Entries removed at once (key targets); tag and prefix purges hide entries at once and
+    /// remove them in the background, so they report 0 here.
+    pub dropped: u64,
+    /// The whole cache was flushed.
+    pub flushed: bool,
+}
+
+pub(crate) struct Slot<V> {
+    pub value: V,
+    tags: Box<[Box<str>]>,
+    version: Option<u64>,
+    stamp: u64,
+    ttl: Option<Duration>,
+    sealed: AtomicBool,
+}
+
+/// A load in progress: the generation it started at, and what invalidations did to it since.
+pub(crate) struct Lease {
+    stamp: u64,
+    invalidated: AtomicBool,
+    min_version: AtomicU64,
+}
+
+type Shared<V> = Option<Result<V, LoadError>>;
+
+struct Flight<V> {
+    lease: Arc<Lease>,
+    result: watch::Receiver<Shared<V>>,
+}
+
+struct KeyLeases<V> {
+    leases: Vec<Arc<Lease>>,
+    flight: Option<Flight<V>>,
+}
+
+struct Record {
+    gen: u64,
+    at: Instant,
+}
+
+struct PrefixRecord {
+    prefix: String,
+    gen: u64,
+    at: Instant,
+}
+
+/// Why a load failed; shared by every caller that waited on the same load.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("loader failed: {0}")]
+pub struct LoadError(pub Arc<dyn std::error::Error + Send + Sync>);
+
+struct Expiry;
+
+impl<V> moka::Expiry<String, Arc<Slot<V>>> for Expiry {
+    fn expire_after_create(&self, _key: &String, value: &Arc<Slot<V>>, _at: std::time::Instant) -> Option<Duration> {
+        value.ttl
+    }
+}
+
+/// The local half of a named cache; the bus wraps it in [`crate::Cache`].
+pub(crate) struct LocalCache<V> {
+    name: String,
+    config: CacheConfig,
+    max_tags: usize,
+    moka: moka::future::Cache<String, Arc<Slot<V>>>,
+    gen: AtomicU64,
+    all_gen: AtomicU64,
+    horizon: AtomicU64,
+    last_tag_gen: AtomicU64,
+    last_prefix_gen: AtomicU64,
+    tags: RwLock<HashMap<Box<str>, Record>>,
+    prefixes: RwLock<Vec<PrefixRecord>>,
+    floors: moka::sync::Cache<String, u64>,
+    leases: Mutex<HashMap<String, KeyLeases<V>>>,
+    sweep: Notify,
+    pub(crate) metrics: CacheMetrics,
+}
+
+/// The most prefix records kept; each read of an old entry scans them.
+const MAX_PREFIX_RECORDS: usize = 1024;
+
+impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
+    pub fn new(name: &str, config: CacheConfig, max_tags: usize) -> Arc<Self> {
+        let mut builder = moka::future::Cache::builder()
+            .name(name)
+            .max_capacity(config.max_capacity)
+            .time_to_live(config.time_to_live)
+            .expire_after(Expiry);
+        if let Some(tti) = config.time_to_idle {
+            builder = builder.time_to_idle(tti);
+        }
+        let window = config.version_window.unwrap_or(config.time_to_live);
+        let floors = moka::sync::Cache::builder().max_capacity(config.max_capacity.max(1024)).time_to_live(window).build();
+        let cache = Arc::new(LocalCache {
+            name: name.to_owned(),
+            max_tags,
+            moka: builder.build(),
+            gen: AtomicU64::new(1),
+            all_gen: AtomicU64::new(0),
+            horizon: AtomicU64::new(0),
+            last_tag_gen: AtomicU64::new(0),
+            last_prefix_gen: AtomicU64::new(0),
+            tags: RwLock::new(HashMap::new()),
+            prefixes: RwLock::new(Vec::new()),
+            floors,
+            leases: Mutex::new(HashMap::new()),
+            sweep: Notify::new(),
+            metrics: CacheMetrics::default(),
+            config,
+        });
+        tokio::spawn(maintain(Arc::downgrade(&cache)));
+        cache
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The value of `key` if a valid entry holds it; counts a hit or a miss.
+    #[inline]
+    pub async fn get(&self, key: &str) -> Option<V> {
+        if let Some(slot) = self.moka.get(key).await {
+            if self.visible(&slot, key) {
+                self.metrics.hits.inc();
+                return Some(slot.value.clone());
+            }
+        }
+        self.metrics.misses.inc();
+        None
+    }
+
+    #[inline]
+    fn visible(&self, slot: &Slot<V>, key: &str) -> bool {
+        if !slot.sealed.load(Ordering::Acquire) {
+            return false;
+        }
+        let s = slot.stamp;
+        if s < self.all_gen.load(Ordering::Acquire) {
+            return false;
+        }
+        if s < self.last_tag_gen.load(Ordering::Acquire) && !slot.tags.is_empty() && self.tag_purged_since(&slot.tags, s) {
+            return false;
+        }
+        if s < self.last_prefix_gen.load(Ordering::Acquire) && self.prefix_purged_since(key, s) {
+            return false;
+        }
+        true
+    }
+
+    fn tag_purged_since(&self, tags: &[impl AsRef<str>], stamp: u64) -> bool {
+        let records = self.tags.read().unwrap_or_else(|e| e.into_inner());
+        tags.iter().any(|t| records.get(t.as_ref()).is_some_and(|r| r.gen > stamp))
+    }
+
+    fn prefix_purged_since(&self, key: &str, stamp: u64) -> bool {
+        let records = self.prefixes.read().unwrap_or_else(|e| e.into_inner());
+        records.iter().any(|p| p.gen > stamp && key.starts_with(p.prefix.as_str()))
+    }
+
+    /// Opens a lease on `key` without joining or starting a shared load.
+    pub fn lease(&self, key: &str) -> Arc<Lease> {
+        let mut map = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let lease = Arc::new(Lease {
+            // Read under the lock: an invalidation that takes its generation after this read
+            // finds the lease in the map and marks it.
+            stamp: self.gen.load(Ordering::SeqCst),
+            invalidated: AtomicBool::new(false),
+            min_version: AtomicU64::new(0),
+        });
+        map.entry(key.to_owned()).or_insert_with(|| KeyLeases { leases: Vec::new(), flight: None }).leases.push(lease.clone());
+        lease
+    }
+
+    /// Closes a lease (after its fill, or when its load was abandoned).
+    pub fn release(&self, key: &str, lease: &Arc<Lease>) {
+        let mut map = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = map.get_mut(key) {
+            k.leases.retain(|l| !Arc::ptr_eq(l, lease));
+            if k.flight.as_ref().is_some_and(|f| Arc::ptr_eq(&f.lease, lease)) {
+                k.flight = None;
+            }
+            if k.leases.is_empty() && k.flight.is_none() {
+                map.remove(key);
+            }
+        }
+    }
+
+    /// Reads through the cache: concurrent misses of one key share one load, and a load that an
+    /// invalidation overtakes is returned to its callers but not cached.
+    pub async fn get_or_load<F, Fut, E>(&self, key: &str, loader: F) -> Result<V, LoadError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<V>, E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if let Some(v) = self.get(key).await {
+            return Ok(v);
+        }
+        let mut loader = Some(loader);
+        loop {
+            let role = {
+                let mut map = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+                let entry = map.entry(key.to_owned()).or_insert_with(|| KeyLeases { leases: Vec::new(), flight: None });
+                match &entry.flight {
+                    Some(f) => Err(f.result.clone()),
+                    None => {
+                        let lease = Arc::new(Lease {
+                            stamp: self.gen.load(Ordering::SeqCst),
+                            invalidated: AtomicBool::new(false),
+                            min_version: AtomicU64::new(0),
+                        });
+                        let (tx, rx) = watch::channel(None);
+                        entry.leases.push(lease.clone());
+                        entry.flight = Some(Flight { lease: lease.clone(), result: rx });
+                        Ok((lease, tx))
+                    }
+                }
+            };
+            match role {
+                Err(mut rx) => match rx.wait_for(Option::is_some).await {
+                    Ok(r) => {
+                        if let Some(r) = r.clone() {
+                            return r;
+                        }
+                    }
+                    // The leading caller was dropped before it finished: try again.
+                    Err(_) => continue,
+                },
+                Ok((lease, tx)) => {
+                    let guard = LeaseGuard { cache: self, key, lease: &lease };
+                    let Some(loader) = loader.take() else {
+                        // Unreachable: a caller leads at most once, since leading ends the loop.
+                        return Err(LoadError(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from("loader already used"))));
+                    };
+                    self.metrics.loads.inc();
+                    let result = match loader().await {
+                        Ok(loaded) => {
+                            let value = loaded.value.clone();
+                            self.fill(key, &lease, loaded).await;
+                            Ok(value)
+                        }
+                        Err(e) => Err(LoadError(Arc::from(e.into()))),
+                    };
+                    let _ = tx.send(Some(result.clone()));
+                    drop(guard);
+                    return result;
+                }
+            }
+        }
+    }
+
+    fn admissible(&self, key: &str, lease: &Lease, tags: &[impl AsRef<str>], version: Option<u64>) -> bool {
+        let s = lease.stamp;
+        if lease.invalidated.load(Ordering::SeqCst) || s < self.all_gen.load(Ordering::SeqCst) || s < self.horizon.load(Ordering::SeqCst) {
+            return false;
+        }
+        let min = lease.min_version.load(Ordering::SeqCst);
+        match version {
+            Some(v) => {
+                if v < min || self.floors.get(key).is_some_and(|floor| v < floor) {
+                    return false;
+                }
+            }
+            None if min > 0 => return false,
+            None => {}
+        }
+        if s < self.last_tag_gen.load(Ordering::SeqCst) && self.tag_purged_since(tags, s) {
+            return false;
+        }
+        if s < self.last_prefix_gen.load(Ordering::SeqCst) && self.prefix_purged_since(key, s) {
+            return false;
+        }
+        true
+    }
+
+    /// Inserts a loaded value under `lease` unless an invalidation overtook the load.
+    pub async fn fill(&self, key: &str, lease: &Lease, loaded: Loaded<V>) -> FillOutcome {
+        let mut tags = loaded.tags;
+        tags.truncate(self.max_tags);
+        if !self.admissible(key, lease, &tags, loaded.version) {
+            self.metrics.rejected_fills.inc();
+            tracing::debug!(cache = %self.name, key, "fill refused: invalidated during load");
+            return FillOutcome::Refused;
+        }
+        let ttl = loaded.ttl.map(|t| t.min(self.config.time_to_live));
+        let slot = Arc::new(Slot {
+            value: loaded.value,
+            tags: tags.into_iter().map(String::into_boxed_str).collect(),
+            version: loaded.version,
+            stamp: lease.stamp,
+            ttl,
+            sealed: AtomicBool::new(false),
+        });
+        self.moka.insert(key.to_owned(), slot.clone()).await;
+        // Checked again after the insert: an invalidation that ran between the first check and
+        // the insert has marked the lease or written a record by now, and one that runs after
+        // this check finds the entry in moka and removes it.
+        if self.admissible(key, lease, &slot.tags, slot.version) {
+            slot.sealed.store(true, Ordering::Release);
+            self.metrics.fills.inc();
+            FillOutcome::Filled
+        } else {
+            if self.moka.get(key).await.is_some_and(|cur| Arc::ptr_eq(&cur, &slot)) {
+                self.moka.invalidate(key).await;
+            }
+            self.metrics.rejected_fills.inc();
+            tracing::debug!(cache = %self.name, key, "fill refused after insert: invalidated during load");
+            FillOutcome::Refused
+        }
+    }
+
+    fn next_gen(&self) -> u64 {
+        self.gen.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Detaches the shared loads of keys matched by `matches` so that later callers start a
+    /// fresh load instead of joining one that an invalidation overtook.
+    fn detach_flights(&self, map: &mut HashMap<String, KeyLeases<V>>, matches: impl Fn(&str) -> bool) {
+        for (k, entry) in map.iter_mut() {
+            if matches(k) {
+                entry.flight = None;
+            }
+        }
+    }
+
+    /// Applies one invalidation to this cache.
+    pub async fn apply(&self, target: &Target, version: Option<u64>) -> ApplyOutcome {
+        self.metrics.invalidations_applied.inc();
+        match target {
+            Target::Key(key) => self.apply_key(key, version).await,
+            Target::Tag(tag) => {
+                let g = self.next_gen();
+                let overflow = {
+                    let mut records = self.tags.write().unwrap_or_else(|e| e.into_inner());
+                    records.insert(tag.as_str().into(), Record { gen: g, at: Instant::now() });
+                    records.len() > self.config.max_purge_records
+                };
+                self.last_tag_gen.fetch_max(g, Ordering::SeqCst);
+                {
+                    let mut map = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+                    self.detach_flights(&mut map, |_| true);
+                }
+                if overflow {
+                    return self.flush("purge records overflow");
+                }
+                self.sweep.notify_one();
+                ApplyOutcome::default()
+            }
+            Target::Prefix(prefix) => {
+                let g = self.next_gen();
+                let overflow = {
+                    let mut records = self.prefixes.write().unwrap_or_else(|e| e.into_inner());
+                    records.retain(|p| p.prefix != *prefix);
+                    records.push(PrefixRecord { prefix: prefix.clone(), gen: g, at: Instant::now() });
+                    records.len() > MAX_PREFIX_RECORDS.min(self.config.max_purge_records)
+                };
+                self.last_prefix_gen.fetch_max(g, Ordering::SeqCst);
+                {
+                    let mut map = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+                    self.detach_flights(&mut map, |k| k.starts_with(prefix.as_str()));
+                }
+                if overflow {
+                    return self.flush("purge records overflow");
+                }
+                self.sweep.notify_one();
+                ApplyOutcome::default()
+            }
+            Target::All => self.flush("invalidate all"),
+        }
+    }
+
+    async fn apply_key(&self, key: &str, version: Option<u64>) -> ApplyOutcome {
+        let g = self.next_gen();
+        {
+            let mut map = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(entry) = map.get_mut(key) {
+                for lease in &entry.leases {
+                    if lease.stamp < g {
+                        match version {
+                            None => lease.invalidated.store(true, Ordering::SeqCst),
+                            Some(v) => {
+                                lease.min_version.fetch_max(v, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                }
+                entry.flight = None;
+            }
+        }
+        let dropped = match version {
+            None => self.moka.remove(key).await.is_some(),
+            Some(v) => {
+                self.floors.entry_by_ref(key).and_upsert_with(|cur| cur.map_or(v, |e| (*e.value()).max(v)));
+                match self.moka.get(key).await {
+                    Some(slot) if slot.version.is_none_or(|have| have < v) => self.moka.remove(key).await.is_some(),
+                    _ => false,
+                }
+            }
+        };
+        ApplyOutcome { dropped: u64::from(dropped), flushed: false }
+    }
+
+    /// Drops every entry: reads see nothing filled before this call, and loads in flight are
+    /// not cached.
+    pub fn flush(&self, cause: &str) -> ApplyOutcome {
+        let g = self.next_gen();
+        self.all_gen.fetch_max(g, Ordering::SeqCst);
+        {
+            let mut map = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            self.detach_flights(&mut map, |_| true);
+        }
+        // Every record is now covered by `all_gen`.
+        self.tags.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.prefixes.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.moka.invalidate_all();
+        self.metrics.flushes.inc();
+        tracing::info!(cache = %self.name, cause, "cache flushed");
+        ApplyOutcome { dropped: 0, flushed: true }
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.moka.entry_count()
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let m = &self.metrics;
+        CacheStats {
+            name: self.name.clone(),
+            entries: self.moka.entry_count(),
+            hits: m.hits.get(),
+            misses: m.misses.get(),
+            loads: m.loads.get(),
+            fills: m.fills.get(),
+            rejected_fills: m.rejected_fills.get(),
+            bypassed_reads: m.bypassed_reads.get(),
+            invalidations_applied: m.invalidations_applied.get(),
+            flushes: m.flushes.get(),
+        }
+    }
+
+    /// Runs moka's pending maintenance (tests and benchmarks use it to settle counts).
+    pub async fn run_pending_tasks(&self) {
+        self.moka.run_pending_tasks().await;
+    }
+
+    /// Forgets purge records that no live entry can be covered by any more, and raises the
+    /// horizon below which fills are refused.
+    fn prune_records(&self, now: Instant) {
+        let keep = self.config.time_to_live + Duration::from_secs(1);
+        let mut max_pruned = 0;
+        {
+            let mut records = self.tags.write().unwrap_or_else(|e| e.into_inner());
+            records.retain(|_, r| {
+                let live = now.duration_since(r.at) < keep;
+                if !live {
+                    max_pruned = max_pruned.max(r.gen);
+                }
+                live
+            });
+        }
+        {
+            let mut records = self.prefixes.write().unwrap_or_else(|e| e.into_inner());
+            records.retain(|r| {
+                let live = now.duration_since(r.at) < keep;
+                if !live {
+                    max_pruned = max_pruned.max(r.gen);
+                }
+                live
+            });
+        }
+        if max_pruned > 0 {
+            self.horizon.fetch_max(max_pruned, Ordering::SeqCst);
+        }
+    }
+
+    /// Removes entries hidden by purge records, so that they stop taking space.
+    async fn sweep(self: &Arc<Self>) -> u64 {
+        let this = self.clone();
+        let keys = tokio::task::spawn_blocking(move || {
+            this.moka
+                .iter()
+                .filter(|(k, slot)| slot.sealed.load(Ordering::Acquire) && !this.visible(slot, k))
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut removed = 0;
+        for (i, key) in keys.iter().enumerate() {
+            if let Some(slot) = self.moka.get(key.as_str()).await {
+                if slot.sealed.load(Ordering::Acquire) && !self.visible(&slot, key) {
+                    self.moka.invalidate(key.as_str()).await;
+                    removed += 1;
+                }
+            }
+            if i % 1024 == 1023 {
+                tokio::task::yield_now().await;
+            }
+        }
+        removed
+    }
+}
+
+struct LeaseGuard<'a, V: Clone + Send + Sync + 'static> {
+    cache: &'a LocalCache<V>,
+    key: &'a str,
+    lease: &'a Arc<Lease>,
+}
+
+impl<V: Clone + Send + Sync + 'static> Drop for LeaseGuard<'_, V> {
+    fn drop(&mut self) {
+        self.cache.release(self.key, self.lease);
+    }
+}
+
+/// Background upkeep of one cache: sweeps after purges, prunes records, while the cache lives.
+async fn maintain<V: Clone + Send + Sync + 'static>(cache: Weak<LocalCache<V>>) {
+    let period = {
+        let Some(c) = cache.upgrade() else { return };
+        (c.config.time_to_live / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let notified = {
+            let Some(c) = cache.upgrade() else { return };
+            // Hold only a weak reference while waiting, so a dropped cache ends this task.
+            let c2 = c.clone();
+            drop(c);
+            tokio::select! {
+                _ = c2.sweep.notified() => true,
+                _ = tick.tick() => false,
+            }
+        };
+        let Some(c) = cache.upgrade() else { return };
+        if notified {
+            let removed = c.sweep().await;
+            tracing::debug!(cache = %c.name, removed, "sweep after purge");
+        }
+        c.prune_records(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Err = std::io::Error;
+
+    fn cache() -> Arc<LocalCache<u64>> {
+        LocalCache::new("t", CacheConfig::new(10_000), 32)
+    }
+
+    #[tokio::test]
+    async fn stale_fill_is_refused_when_key_invalidated_during_load() {
+        let c = cache();
+        let lease = c.lease("k");
+        c.apply(&Target::Key("k".into()), None).await;
+        assert_eq!(c.fill("k", &lease, Loaded::new(1)).await, FillOutcome::Refused);
+        c.release("k", &lease);
+        assert_eq!(c.get("k").await, None);
+        let lease = c.lease("k");
+        assert_eq!(c.fill("k", &lease, Loaded::new(2)).await, FillOutcome::Filled);
+        assert_eq!(c.get("k").await, Some(2));
+    }
+
+    #[tokio::test]
+    async fn tag_prefix_and_flush_hide_entries_at_once_and_refuse_older_loads() {
+        let c = cache();
+        for (k, tag) in [("a:1", "x"), ("a:2", "y"), ("b:1", "x")] {
+            let l = c.lease(k);
+            c.fill(k, &l, Loaded::new(1).tag(tag)).await;
+            c.release(k, &l);
+        }
+        let old = c.lease("c:1");
+        c.apply(&Target::Tag("x".into()), None).await;
+        assert_eq!(c.get("a:1").await, None);
+        assert_eq!(c.get("b:1").await, None);
+        assert_eq!(c.get("a:2").await, Some(1));
+        assert_eq!(c.fill("c:1", &old, Loaded::new(5).tag("x")).await, FillOutcome::Refused);
+        assert_eq!(c.fill("c:1", &old, Loaded::new(5).tag("z")).await, FillOutcome::Filled);
+        c.apply(&Target::Prefix("a:".into()), None).await;
+        assert_eq!(c.get("a:2").await, None);
+        assert_eq!(c.get("c:1").await, Some(5));
+        c.apply(&Target::All, None).await;
+        assert_eq!(c.get("c:1").await, None);
+    }
+
+    #[tokio::test]
+    async fn versions_never_go_back() {
+        let c = cache();
+        let l = c.lease("k");
+        c.fill("k", &l, Loaded::new(7).version(7)).await;
+        c.release("k", &l);
+        // An older, late or duplicated invalidation keeps the newer entry.
+        c.apply(&Target::Key("k".into()), Some(5)).await;
+        assert_eq!(c.get("k").await, Some(7));
+        c.apply(&Target::Key("k".into()), Some(9)).await;
+        assert_eq!(c.get("k").await, None);
+        // A fill of version 8 (read before the write of 9) is refused; 9 is taken.
+        let l = c.lease("k");
+        assert_eq!(c.fill("k", &l, Loaded::new(8).version(8)).await, FillOutcome::Refused);
+        assert_eq!(c.fill("k", &l, Loaded::new(9).version(9)).await, FillOutcome::Filled);
+        c.release("k", &l);
+        assert_eq!(c.get("k").await, Some(9));
+    }
+
+    #[tokio::test]
+    async fn get_or_load_runs_one_load_for_concurrent_misses() {
+        let c = cache();
+        let runs = Arc::new(AtomicU64::new(0));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (c, runs, gate) = (c.clone(), runs.clone(), gate.clone());
+            tasks.push(tokio::spawn(async move {
+                c.get_or_load("k", || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    gate.notified().await;
+                    Ok::<_, Err>(Loaded::new(3))
+                })
+                .await
+                .unwrap()
+            }));
+        }
+        while runs.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        gate.notify_one();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 3);
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_caller_after_an_invalidation_does_not_join_the_overtaken_load() {
+        let c = cache();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let g = gate.clone();
+        let c1 = c.clone();
+        let first = tokio::spawn(async move {
+            c1.get_or_load("k", || async move {
+                let _ = started_tx.send(());
+                g.notified().await;
+                Ok::<_, Err>(Loaded::new(1))
+            })
+            .await
+            .unwrap()
+        });
+        started_rx.await.unwrap();
+        c.apply(&Target::Key("k".into()), None).await;
+        let second = c.get_or_load("k", || async { Ok::<_, Err>(Loaded::new(2)) }).await.unwrap();
+        assert_eq!(second, 2);
+        gate.notify_one();
+        assert_eq!(first.await.unwrap(), 1);
+        assert_eq!(c.get("k").await, Some(2));
+        assert_eq!(c.stats().rejected_fills, 1);
+    }
+
+    #[tokio::test]
+    async fn loader_errors_reach_every_waiter_and_nothing_is_cached() {
+        let c = cache();
+        let r = c.get_or_load("k", || async { Err::<Loaded<u64>, _>(Err::other("db down")) }).await;
+        assert!(r.unwrap_err().to_string().contains("db down"));
+        assert_eq!(c.get("k").await, None);
+    }
+
+    #[tokio::test]
+    async fn purge_records_fold_into_a_flush_when_too_many() {
+        let c = LocalCache::<u64>::new("t", CacheConfig::new(100).max_purge_records(2), 32);
+        let l = c.lease("k");
+        c.fill("k", &l, Loaded::new(1).tag("keep")).await;
+        for t in ["a", "b", "c"] {
+            c.apply(&Target::Tag(t.into()), None).await;
+        }
+        assert_eq!(c.get("k").await, None);
+        assert_eq!(c.stats().flushes, 1);
+        assert!(c.tags.read().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn sweep_removes_purged_entries() {
+        let c = cache();
+        for i in 0..1000 {
+            let k = format!("k{i}");
+            let l = c.lease(&k);
+            c.fill(&k, &l, Loaded::new(i).tag(if i % 2 == 0 { "even" } else { "odd" })).await;
+            c.release(&k, &l);
+        }
+        c.apply(&Target::Tag("even".into()), None).await;
+        // The background task may sweep first; either way the hidden entries go.
+        c.sweep().await;
+        c.run_pending_tasks().await;
+        assert_eq!(c.entry_count(), 500);
+        assert_eq!(c.get("k1").await, Some(1));
+        assert_eq!(c.get("k2").await, None);
+    }
+}

@@ -1,0 +1,9 @@
+//! Compiles the wire schema with the vendored `protoc`, so a fresh machine needs only Rust.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    std::env::set_var("PROTOC", protoc);
+    println!("cargo:rerun-if-changed=proto");
+    prost_build::Config::new().compile_protos(&["proto/wire.proto"], &["proto"])?;
+    Ok(())
+}
