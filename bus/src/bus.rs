@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_nats::jetstream;
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -16,13 +17,17 @@ use tracing::Instrument;
 
 use crate::cache::{ApplyOutcome, FillOutcome, Lease, LoadError, Loaded, LocalCache};
 use crate::codec::{self, Batch, DecodeError, Heartbeat, Invalidation, Target};
-use crate::config::{CacheConfig, Limits};
+use crate::config::{CacheConfig, JetStreamConfig, Limits};
 use crate::metrics::{BusMetrics, BusStats, CacheStats};
+use crate::repair::{self, Admit, Health, Origins, ReplayError};
 use crate::transport::{InProcessHub, Link, LinkEvent, PublishError, Subjects};
 
 /// Microseconds since the Unix epoch, by this machine's clock.
 pub fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// Why a bus could not be built.
@@ -190,6 +195,8 @@ pub struct BusBuilder {
     ping_interval: Duration,
     address: String,
     actor: String,
+    jetstream: Option<JetStreamConfig>,
+    max_staleness: Duration,
 }
 
 impl Default for BusBuilder {
@@ -206,6 +213,8 @@ impl Default for BusBuilder {
             ping_interval: Duration::from_millis(500),
             address: String::new(),
             actor: String::new(),
+            jetstream: None,
+            max_staleness: Duration::from_secs(1),
         }
     }
 }
@@ -332,15 +341,47 @@ impl BusBuilder {
         self
     }
 
+    /// Keeps every batch in a JetStream stream, so that a node that missed some replays them
+    /// instead of flushing, and so that tickets resolve on the stream's acknowledgement.
+    /// Needs a NATS server with JetStream enabled.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().jetstream(invalbus::JetStreamConfig::default());
+    /// ```
+    pub fn jetstream(mut self, config: JetStreamConfig) -> Self {
+        self.jetstream = Some(config);
+        self
+    }
+
+    /// How long caches keep serving once this node can no longer vouch for them (its own
+    /// heartbeat stopped coming back through NATS), on top of one heartbeat interval (default
+    /// 1 s). After that, reads go to the loader until the node has reconnected and repaired.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().max_staleness(std::time::Duration::from_millis(500));
+    /// ```
+    pub fn max_staleness(mut self, max_staleness: Duration) -> Self {
+        self.max_staleness = max_staleness;
+        self
+    }
+
     /// Connects, subscribes, and waits until the server confirms the subscription (this node's
     /// first heartbeat comes back), so no invalidation published after `build` returns is missed.
     pub async fn build(self) -> Result<Bus, BuildError> {
         if !valid_token(&self.namespace) {
-            return Err(BuildError::Config(format!("namespace {:?}: use 1-128 letters, digits, '-' or '_'", self.namespace)));
+            return Err(BuildError::Config(format!(
+                "namespace {:?}: use 1-128 letters, digits, '-' or '_'",
+                self.namespace
+            )));
         }
-        let node_id = self.node_id.clone().unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()));
+        let node_id = self
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()));
         if !valid_token(&node_id) {
-            return Err(BuildError::Config(format!("node id {node_id:?}: use 1-128 letters, digits, '-' or '_'")));
+            return Err(BuildError::Config(format!(
+                "node id {node_id:?}: use 1-128 letters, digits, '-' or '_'"
+            )));
         }
         let (event_tx, event_rx) = mpsc::channel::<LinkEvent>(1024);
         let link = match (&self.hub, &self.nats_url) {
@@ -371,14 +412,47 @@ impl BusBuilder {
                             }
                         }
                     });
-                let client = options.connect(url.as_str()).await.map_err(|e| BuildError::Connect(format!("{url}: {e}")))?;
+                let client = options
+                    .connect(url.as_str())
+                    .await
+                    .map_err(|e| BuildError::Connect(format!("{url}: {e}")))?;
                 Link::Nats(client)
             }
-            (Some(_), Some(_)) => return Err(BuildError::Config("choose either nats(..) or in_process(..), not both".into())),
-            (None, None) => return Err(BuildError::Config("no transport: call nats(url) or in_process(&hub)".into())),
+            (Some(_), Some(_)) => {
+                return Err(BuildError::Config(
+                    "choose either nats(..) or in_process(..), not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(BuildError::Config(
+                    "no transport: call nats(url) or in_process(&hub)".into(),
+                ))
+            }
         };
         let subjects = Subjects::new(&self.namespace);
-        let stream = link.subscribe(subjects.all(), 65_536).await.map_err(BuildError::Subscribe)?;
+        let durable = match (&link, &self.jetstream) {
+            (Link::Nats(client), Some(config)) => {
+                let js = jetstream::ContextBuilder::new()
+                    .timeout(config.ack_timeout)
+                    .build(client.clone());
+                let stream = repair::ensure_stream(&js, &self.namespace, subjects.all_inv(), config)
+                    .await
+                    .map_err(|e| BuildError::Config(format!("JetStream stream: {e}")))?;
+                Some(Durable {
+                    js,
+                    stream,
+                    config: config.clone(),
+                })
+            }
+            (Link::InProcess(_), Some(_)) => {
+                return Err(BuildError::Config("JetStream needs a NATS transport".into()));
+            }
+            (_, None) => None,
+        };
+        let stream = link
+            .subscribe(subjects.all(), 65_536)
+            .await
+            .map_err(BuildError::Subscribe)?;
         let (out_tx, out_rx) = mpsc::channel(self.outbound_queue);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let epoch = loop {
@@ -387,7 +461,12 @@ impl BusBuilder {
                 break e;
             }
         };
-        let actor = if self.actor.is_empty() { node_id.clone() } else { self.actor.clone() };
+        let actor = if self.actor.is_empty() {
+            node_id.clone()
+        } else {
+            self.actor.clone()
+        };
+        let started_us = now_us();
         let inner = Arc::new(BusInner {
             node_id,
             namespace: self.namespace,
@@ -397,31 +476,54 @@ impl BusBuilder {
             limits: self.limits,
             subjects,
             link,
+            durable,
             caches: RwLock::new(HashMap::new()),
             outbox: out_tx,
             outbound_capacity: self.outbound_queue,
             last_seq: AtomicU64::new(0),
             metrics: BusMetrics::default(),
             applied: broadcast::channel(4096).0,
-            peers: Mutex::new(HashMap::new()),
+            origins: Mutex::new(Origins::default()),
             shutdown: shutdown_tx,
             self_heartbeat: watch::channel(0).0,
+            health: Health::new(started_us),
+            heartbeat_interval: self.heartbeat_interval,
+            max_staleness: self.max_staleness,
+            started_us,
         });
         let mut tasks = Vec::new();
         let span = tracing::info_span!("bus", node = %inner.node_id, ns = %inner.namespace);
-        tasks.push(tokio::spawn(publisher(inner.clone(), out_rx, shutdown_rx.clone()).instrument(span.clone())));
-        tasks.push(tokio::spawn(receiver(inner.clone(), stream, event_rx, shutdown_rx.clone()).instrument(span.clone())));
-        tasks.push(tokio::spawn(heartbeats(inner.clone(), self.heartbeat_interval, shutdown_rx).instrument(span)));
+        tasks.push(tokio::spawn(
+            publisher(inner.clone(), out_rx, shutdown_rx.clone()).instrument(span.clone()),
+        ));
+        tasks.push(tokio::spawn(
+            receiver(inner.clone(), stream, event_rx, shutdown_rx.clone()).instrument(span.clone()),
+        ));
+        tasks.push(tokio::spawn(
+            heartbeats(inner.clone(), shutdown_rx.clone()).instrument(span.clone()),
+        ));
+        tasks.push(tokio::spawn(watchdog(inner.clone(), shutdown_rx).instrument(span)));
         // The first heartbeat coming back proves the server has our subscription.
         let mut seen = inner.self_heartbeat.subscribe();
         let confirmed = tokio::time::timeout(Duration::from_secs(10), seen.wait_for(|n| *n > 0)).await;
         if !matches!(confirmed, Ok(Ok(_))) {
             let _ = inner.shutdown.send(true);
-            return Err(BuildError::Subscribe("own heartbeat did not come back within 10 s".into()));
+            return Err(BuildError::Subscribe(
+                "own heartbeat did not come back within 10 s".into(),
+            ));
         }
         tracing::info!(node = %inner.node_id, ns = %inner.namespace, epoch = inner.epoch, transport = inner.link.kind(), "bus up");
-        Ok(Bus { inner, tasks: Arc::new(Mutex::new(tasks)) })
+        Ok(Bus {
+            inner,
+            tasks: Arc::new(Mutex::new(tasks)),
+        })
     }
+}
+
+struct Durable {
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+    config: JetStreamConfig,
 }
 
 struct BusInner {
@@ -433,25 +535,20 @@ struct BusInner {
     limits: Limits,
     subjects: Subjects,
     link: Link,
+    durable: Option<Durable>,
     caches: RwLock<HashMap<String, Arc<dyn Applier>>>,
     outbox: mpsc::Sender<Outgoing>,
     outbound_capacity: usize,
     last_seq: AtomicU64,
     metrics: BusMetrics,
     applied: broadcast::Sender<Applied>,
-    peers: Mutex<HashMap<String, PeerState>>,
+    origins: Mutex<Origins>,
     shutdown: watch::Sender<bool>,
     self_heartbeat: watch::Sender<u64>,
-}
-
-#[derive(Debug, Clone)]
-struct PeerState {
-    epoch: u64,
-    applied_seq: u64,
-    announced_seq: u64,
-    address: String,
-    caches: Vec<(String, u64)>,
-    last_seen_us: u64,
+    health: Health,
+    heartbeat_interval: Duration,
+    max_staleness: Duration,
+    started_us: u64,
 }
 
 /// A node's handle on the bus: its caches, its invalidations, and what it knows of its peers.
@@ -522,17 +619,29 @@ impl Bus {
 
     /// Opens the named cache, creating it with `config` the first time. Opening it again returns
     /// the same cache (and ignores `config`).
-    pub fn cache<V: Clone + Send + Sync + 'static>(&self, name: &str, config: CacheConfig) -> Result<Cache<V>, CacheError> {
+    pub fn cache<V: Clone + Send + Sync + 'static>(
+        &self,
+        name: &str,
+        config: CacheConfig,
+    ) -> Result<Cache<V>, CacheError> {
         if name.is_empty() || name.len() > self.inner.limits.max_key_bytes {
             return Err(CacheError::InvalidName(name.to_owned()));
         }
         let mut caches = self.inner.caches.write().unwrap_or_else(|e| e.into_inner());
         let applier = caches
             .entry(name.to_owned())
-            .or_insert_with(|| LocalCache::<V>::new(name, config, self.inner.limits.max_tags_per_entry) as Arc<dyn Applier>)
+            .or_insert_with(|| {
+                LocalCache::<V>::new(name, config, self.inner.limits.max_tags_per_entry) as Arc<dyn Applier>
+            })
             .clone();
-        let local = applier.as_any().downcast::<LocalCache<V>>().map_err(|_| CacheError::TypeMismatch(name.to_owned()))?;
-        Ok(Cache { local, bus: self.clone() })
+        let local = applier
+            .as_any()
+            .downcast::<LocalCache<V>>()
+            .map_err(|_| CacheError::TypeMismatch(name.to_owned()))?;
+        Ok(Cache {
+            local,
+            bus: self.clone(),
+        })
     }
 
     /// Applies an invalidation to the named cache (or every cache) of this node, then queues it
@@ -556,7 +665,10 @@ impl Bus {
 
     fn enqueue(&self, invalidation: Invalidation) -> Result<Ticket, InvalidateError> {
         let (tx, rx) = oneshot::channel();
-        match self.inner.outbox.try_send(Outgoing { invalidation, done: Some(tx) }) {
+        match self.inner.outbox.try_send(Outgoing {
+            invalidation,
+            done: Some(tx),
+        }) {
             Ok(()) => Ok(Ticket { rx }),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.inner.metrics.publish_queue_full.inc();
@@ -569,7 +681,19 @@ impl Bus {
 
     /// Figures of the bus.
     pub fn stats(&self) -> BusStats {
-        self.inner.metrics.snapshot()
+        let mut stats = self.inner.metrics.snapshot();
+        let h = &self.inner.health;
+        let since = h.suspect_since_us.load(Ordering::Acquire);
+        let open = if since > 0 { now_us().saturating_sub(since) } else { 0 };
+        stats.suspect_us = h.suspect_total_us.load(Ordering::Relaxed) + open;
+        stats.serving = h.serving();
+        stats
+    }
+
+    /// The propagation latency histogram as Prometheus wants it: for each upper bound (µs), how
+    /// many samples were at most that; plus the count and the sum (µs).
+    pub fn propagation_buckets(&self, bounds_us: &[u64]) -> (u64, u64, Vec<u64>) {
+        self.inner.metrics.propagation.cumulative(bounds_us)
     }
 
     /// Figures of every cache on this node.
@@ -582,8 +706,9 @@ impl Bus {
 
     /// The peers this node has heard from.
     pub fn peers(&self) -> Vec<Peer> {
-        let peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = peers
+        let origins = self.inner.origins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = origins
+            .map
             .iter()
             .map(|(id, p)| Peer {
                 node_id: id.clone(),
@@ -602,6 +727,25 @@ impl Bus {
     /// The sequence of the last batch this node published.
     pub fn last_published_seq(&self) -> u64 {
         self.inner.last_seq.load(Ordering::SeqCst)
+    }
+
+    /// Whether this node's caches may serve right now (see the crate docs on staleness).
+    pub fn serving(&self) -> bool {
+        self.inner.health.serving()
+    }
+
+    /// Switches off the disconnect policy: caches keep serving while the node cannot vouch for
+    /// them. Only for tests that show what the policy prevents.
+    #[doc(hidden)]
+    pub fn disable_staleness_gate_for_tests(&self) {
+        self.inner.health.gate_disabled.store(true, Ordering::SeqCst);
+    }
+
+    /// The bound on staleness this node promises: a read never returns a value older than an
+    /// invalidation NATS accepted more than this long ago (heartbeat interval + max staleness,
+    /// plus the watchdog's tick).
+    pub fn staleness_bound(&self) -> Duration {
+        self.inner.heartbeat_interval + self.inner.max_staleness + WATCHDOG_TICK
     }
 
     /// A stream of the peers' batches as this node applies them.
@@ -647,7 +791,10 @@ pub struct Cache<V> {
 
 impl<V> Clone for Cache<V> {
     fn clone(&self) -> Self {
-        Cache { local: self.local.clone(), bus: self.bus.clone() }
+        Cache {
+            local: self.local.clone(),
+            bus: self.bus.clone(),
+        }
     }
 }
 
@@ -665,6 +812,10 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
     /// The cached value of `key`, if a valid entry holds it.
     #[inline]
     pub async fn get(&self, key: &str) -> Option<V> {
+        if !self.bus.inner.health.serving() {
+            self.local.metrics.bypassed_reads.inc();
+            return None;
+        }
         self.local.get(key).await
     }
 
@@ -677,9 +828,16 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
         Fut: Future<Output = Result<Loaded<V>, E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if key.len() > self.bus.inner.limits.max_key_bytes {
-            // Too long to cache or to invalidate: serve it straight from the loader.
-            return loader().await.map(|l| l.value).map_err(|e| LoadError(Arc::from(e.into())));
+        if key.len() > self.bus.inner.limits.max_key_bytes || !self.bus.inner.health.serving() {
+            // While the node cannot vouch for its caches (cut off, or repairing), reads go to
+            // the loader and nothing is cached; a key too long to invalidate is never cached.
+            if key.len() <= self.bus.inner.limits.max_key_bytes {
+                self.local.metrics.bypassed_reads.inc();
+            }
+            return loader()
+                .await
+                .map(|l| l.value)
+                .map_err(|e| LoadError(Arc::from(e.into())));
         }
         self.local.get_or_load(key, loader).await
     }
@@ -688,7 +846,11 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
     /// the sidecar's clients): fill the reservation when the value is read.
     pub fn reserve(&self, key: &str) -> Reservation<V> {
         let lease = self.local.lease(key);
-        Reservation { local: self.local.clone(), key: key.to_owned(), lease: Some(lease) }
+        Reservation {
+            local: self.local.clone(),
+            key: key.to_owned(),
+            lease: Some(lease),
+        }
     }
 
     /// Invalidates `key` here and on every peer.
@@ -754,7 +916,9 @@ impl<V: Clone + Send + Sync + 'static> Reservation<V> {
 
     /// Caches the loaded value unless an invalidation covering it landed since the reservation.
     pub async fn fill(mut self, loaded: Loaded<V>) -> FillOutcome {
-        let Some(lease) = self.lease.take() else { return FillOutcome::Refused };
+        let Some(lease) = self.lease.take() else {
+            return FillOutcome::Refused;
+        };
         let outcome = self.local.fill(&self.key, &lease, loaded).await;
         self.local.release(&self.key, &lease);
         outcome
@@ -816,6 +980,8 @@ async fn publisher(inner: Arc<BusInner>, mut rx: mpsc::Receiver<Outgoing>, mut s
 }
 
 async fn publish_batch(inner: &BusInner, subject: &str, items: Vec<Outgoing>) {
+    // The sequence is used up whatever becomes of the publish: a batch that failed may still
+    // have reached some peers, and reusing its number would make them skip the next one.
     let seq = inner.last_seq.load(Ordering::SeqCst) + 1;
     let (invalidations, done): (Vec<_>, Vec<_>) = items.into_iter().map(|o| (o.invalidation, o.done)).unzip();
     let n = invalidations.len() as u64;
@@ -828,17 +994,20 @@ async fn publish_batch(inner: &BusInner, subject: &str, items: Vec<Outgoing>) {
         invalidations,
     };
     let payload = codec::encode_batch(&batch);
-    let result = inner.link.publish(subject.to_owned(), payload).await;
+    let result = match &inner.durable {
+        None => inner.link.publish(subject.to_owned(), payload).await,
+        Some(d) => publish_acked(inner, d, subject, payload, seq).await,
+    };
+    inner.last_seq.store(seq, Ordering::SeqCst);
     match &result {
         Ok(()) => {
-            inner.last_seq.store(seq, Ordering::SeqCst);
             inner.metrics.batches_published.inc();
             inner.metrics.invalidations_published.add(n);
             tracing::trace!(node = %inner.node_id, seq, n, "batch published");
         }
         Err(e) => {
             inner.metrics.publish_errors.inc();
-            tracing::warn!(node = %inner.node_id, seq, n, error = %e, "batch not published");
+            tracing::warn!(node = %inner.node_id, seq, n, error = %e, "batch not published; peers will find the gap");
         }
     }
     let result = result.map(|()| Published { seq });
@@ -847,10 +1016,46 @@ async fn publish_batch(inner: &BusInner, subject: &str, items: Vec<Outgoing>) {
     }
 }
 
+/// Publishes into the stream and waits for its acknowledgement, sending again (same message id,
+/// so the stream keeps one copy) until the publish deadline. An ack that timed out means
+/// "unknown", not "lost".
+async fn publish_acked(
+    inner: &BusInner,
+    d: &Durable,
+    subject: &str,
+    payload: bytes::Bytes,
+    seq: u64,
+) -> Result<(), PublishError> {
+    let id = format!("{}.{}.{}", inner.node_id, inner.epoch, seq);
+    let started = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload.clone())
+            .message_id(&id);
+        let outcome = match d.js.send_publish(subject.to_owned(), publish).await {
+            Ok(ack) => match tokio::time::timeout(d.config.ack_timeout, ack).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "ack timed out".to_owned(),
+            },
+            Err(e) => e.to_string(),
+        };
+        if started.elapsed() >= d.config.publish_deadline {
+            return Err(PublishError::TimedOut(d.config.publish_deadline));
+        }
+        tracing::debug!(seq, attempt, error = %outcome, "stream publish not acknowledged; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
 /// Publishes this node's heartbeat every interval.
-async fn heartbeats(inner: Arc<BusInner>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+async fn heartbeats(inner: Arc<BusInner>, mut shutdown: watch::Receiver<bool>) {
     let subject = inner.subjects.hb(&inner.node_id);
-    let mut tick = tokio::time::interval(interval);
+    let mut tick = tokio::time::interval(inner.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -878,13 +1083,39 @@ async fn heartbeats(inner: Arc<BusInner>, interval: Duration, mut shutdown: watc
     }
 }
 
-/// Receives the namespace's messages and applies peers' batches, in order per origin.
+/// How often the watchdog re-checks whether caches may serve.
+const WATCHDOG_TICK: Duration = Duration::from_millis(10);
+
+/// Keeps `Health::serving` current: caches serve only while this node's own heartbeat keeps
+/// coming back and no repair is running.
+async fn watchdog(inner: Arc<BusInner>, mut shutdown: watch::Receiver<bool>) {
+    let window = inner.heartbeat_interval + inner.max_staleness;
+    let mut tick = tokio::time::interval(WATCHDOG_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        match inner.health.update(now_us(), window) {
+            Some(false) => {
+                tracing::warn!(node = %inner.node_id, "caches stop serving: this node cannot vouch for them")
+            }
+            Some(true) => tracing::info!(node = %inner.node_id, "caches serve again"),
+            None => {}
+        }
+    }
+}
+
+/// Receives the namespace's messages and applies peers' batches, in order per origin, repairing
+/// whatever it finds missing before it applies anything later.
 async fn receiver(
     inner: Arc<BusInner>,
     mut stream: futures::stream::BoxStream<'static, Result<crate::transport::Received, LinkEvent>>,
     mut events: mpsc::Receiver<LinkEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut disconnected_since: Option<u64> = None;
     loop {
         let item = tokio::select! {
             m = stream.next() => match m { Some(m) => m, None => return },
@@ -895,20 +1126,31 @@ async fn receiver(
             Ok(msg) => on_message(&inner, &msg.subject, &msg.payload).await,
             Err(LinkEvent::SlowConsumer) => {
                 inner.metrics.gaps.inc();
-                tracing::warn!(node = %inner.node_id, "slow consumer: messages were dropped; flushing caches");
-                inner.flush_all("slow consumer");
+                tracing::warn!(node = %inner.node_id, "slow consumer: messages were dropped");
+                let since = inner
+                    .health
+                    .last_vouched_us
+                    .load(Ordering::Acquire)
+                    .saturating_sub(micros(inner.heartbeat_interval));
+                repair_all(&inner, since, "slow consumer").await;
             }
             Err(LinkEvent::Disconnected) => {
                 tracing::warn!(node = %inner.node_id, "disconnected from NATS");
+                disconnected_since.get_or_insert(inner.health.last_vouched_us.load(Ordering::Acquire));
             }
             Err(LinkEvent::Connected) => {
-                // Whatever was published while we were away is lost to core NATS.
-                tracing::warn!(node = %inner.node_id, "reconnected to NATS; flushing caches (messages may have been missed)");
-                inner.metrics.gaps.inc();
-                inner.flush_all("reconnect");
+                if let Some(since) = disconnected_since.take() {
+                    tracing::warn!(node = %inner.node_id, "reconnected to NATS; repairing what was missed");
+                    inner.metrics.gaps.inc();
+                    repair_all(&inner, since, "reconnect").await;
+                }
             }
         }
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros() as u64
 }
 
 fn count_refusal(inner: &BusInner, origin: &str, e: &DecodeError) {
@@ -936,24 +1178,27 @@ async fn on_message(inner: &BusInner, subject: &str, payload: &[u8]) {
             }
             match codec::decode_batch(payload, &inner.namespace, &inner.limits) {
                 Ok(batch) if batch.origin != origin => {
-                    let e = DecodeError::Invalid(format!("origin {:?} published on the subject of {origin:?}", batch.origin));
+                    let e = DecodeError::Invalid(format!(
+                        "origin {:?} published on the subject of {origin:?}",
+                        batch.origin
+                    ));
                     count_refusal(inner, origin, &e);
                 }
-                Ok(batch) => apply_batch(inner, batch).await,
+                Ok(batch) => on_batch(inner, batch).await,
                 Err(e) => count_refusal(inner, origin, &e),
             }
         }
         "hb" => match codec::decode_heartbeat(payload, &inner.namespace, &inner.limits) {
             Ok(hb) if hb.origin == inner.node_id => {
                 if hb.epoch == inner.epoch {
-                    inner.self_heartbeat.send_modify(|n| *n += 1);
+                    on_own_heartbeat(inner).await;
                 }
             }
             Ok(hb) if hb.origin != origin => {
                 let e = DecodeError::Invalid(format!("heartbeat of {:?} on the subject of {origin:?}", hb.origin));
                 count_refusal(inner, origin, &e);
             }
-            Ok(hb) => on_heartbeat(inner, hb),
+            Ok(hb) => on_heartbeat(inner, hb).await,
             Err(e) => count_refusal(inner, origin, &e),
         },
         _ => {
@@ -963,63 +1208,113 @@ async fn on_message(inner: &BusInner, subject: &str, payload: &[u8]) {
     }
 }
 
-fn on_heartbeat(inner: &BusInner, hb: Heartbeat) {
-    inner.metrics.heartbeats_received.inc();
-    let mut peers = inner.peers.lock().unwrap_or_else(|e| e.into_inner());
-    let p = peers.entry(hb.origin.clone()).or_insert_with(|| PeerState {
-        epoch: hb.epoch,
-        applied_seq: hb.last_seq,
-        announced_seq: hb.last_seq,
-        address: String::new(),
-        caches: Vec::new(),
-        last_seen_us: 0,
-    });
-    if p.epoch != hb.epoch {
-        // The peer restarted: a new epoch starts its sequence afresh.
-        p.epoch = hb.epoch;
-        p.applied_seq = hb.last_seq;
+/// Our own heartbeat came back: NATS delivered everything sent to us before it. After a lapse
+/// (the link was cut, even silently), repair what may have been missed before serving again.
+async fn on_own_heartbeat(inner: &BusInner) {
+    let now = now_us();
+    let window = micros(inner.heartbeat_interval + inner.max_staleness);
+    let prev = inner.health.last_vouched_us.load(Ordering::Acquire);
+    if now.saturating_sub(prev) > window && inner.self_heartbeat.borrow().to_owned() > 0 {
+        inner.health.repairing.store(true, Ordering::SeqCst);
+        inner.health.last_vouched_us.store(now, Ordering::Release);
+        tracing::warn!(node = %inner.node_id, lapse_ms = (now - prev) / 1000, "own heartbeat back after a lapse; repairing");
+        repair_all(
+            inner,
+            prev.saturating_sub(micros(inner.heartbeat_interval)),
+            "heartbeat lapse",
+        )
+        .await;
+    } else {
+        inner.health.last_vouched_us.store(now, Ordering::Release);
     }
-    p.announced_seq = hb.last_seq;
-    p.address = hb.address;
-    p.caches = hb.caches;
-    p.last_seen_us = now_us();
+    inner.self_heartbeat.send_modify(|n| *n += 1);
 }
 
-async fn apply_batch(inner: &BusInner, batch: Batch) {
-    let span = tracing::debug_span!("apply", node = %inner.node_id, origin = %batch.origin, epoch = batch.epoch, seq = batch.seq);
-    async {
-        {
-            let mut peers = inner.peers.lock().unwrap_or_else(|e| e.into_inner());
-            let p = peers.entry(batch.origin.clone()).or_insert_with(|| PeerState {
-                epoch: batch.epoch,
-                applied_seq: batch.seq - 1,
-                announced_seq: 0,
-                address: String::new(),
-                caches: Vec::new(),
-                last_seen_us: 0,
-            });
-            if p.epoch != batch.epoch {
-                p.epoch = batch.epoch;
-                p.applied_seq = batch.seq - 1;
-                p.announced_seq = 0;
+async fn on_heartbeat(inner: &BusInner, hb: Heartbeat) {
+    inner.metrics.heartbeats_received.inc();
+    let now = now_us();
+    let action = {
+        let mut origins = inner.origins.lock().unwrap_or_else(|e| e.into_inner());
+        let known = origins.map.get(&hb.origin).cloned();
+        let action = match known {
+            None => {
+                let o = origins.map.entry(hb.origin.clone()).or_default();
+                o.epoch = hb.epoch;
+                o.applied_seq = hb.last_seq;
+                (hb.last_seq > 0).then_some(Admit::FirstContact)
             }
-            if batch.seq <= p.applied_seq {
-                inner.metrics.duplicates.inc();
-                tracing::debug!("duplicate batch ignored");
+            Some(o) if o.epoch == hb.epoch => (hb.last_seq > o.applied_seq).then_some(Admit::Gap {
+                from: o.applied_seq + 1,
+                to: hb.last_seq,
+            }),
+            Some(o) if o.retired.contains(&hb.epoch) => None,
+            Some(_) if hb.last_seq == 0 => {
+                // A restart that has not published yet: reset tracking, nothing to repair.
+                origins.applied(&hb.origin, hb.epoch, 0, 0, now);
+                None
+            }
+            Some(_) => Some(Admit::Gap {
+                from: 1,
+                to: hb.last_seq,
+            }),
+        };
+        if let Some(o) = origins.map.get_mut(&hb.origin) {
+            o.announced_seq = hb.last_seq;
+            o.address = hb.address.clone();
+            o.caches = hb.caches.clone();
+            o.last_seen_us = now;
+        }
+        action
+    };
+    match action {
+        Some(Admit::Gap { from, to }) => {
+            inner.metrics.gaps.inc();
+            tracing::warn!(node = %inner.node_id, origin = %hb.origin, from, to, "heartbeat shows batches never received");
+            repair_origin(inner, &hb.origin, hb.epoch, to, "tail loss").await;
+        }
+        Some(Admit::FirstContact) => catch_up(inner, &hb.origin, hb.epoch, hb.last_seq).await,
+        _ => {}
+    }
+}
+
+/// A batch from a peer's live stream: apply it in sequence, repairing first what it shows missing.
+async fn on_batch(inner: &BusInner, batch: Batch) {
+    let admit = inner
+        .origins
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .admit(&batch.origin, batch.epoch, batch.seq);
+    match admit {
+        Admit::Duplicate => {
+            inner.metrics.duplicates.inc();
+            tracing::debug!(origin = %batch.origin, seq = batch.seq, "duplicate batch ignored");
+            return;
+        }
+        Admit::Gap { from, to } => {
+            inner.metrics.gaps.inc();
+            tracing::warn!(node = %inner.node_id, origin = %batch.origin, from, to, "gap in the origin's sequence");
+            repair_origin(inner, &batch.origin, batch.epoch, to, "gap").await;
+            // Repaired or flushed: in either case continue from this batch.
+            if inner
+                .origins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .admit(&batch.origin, batch.epoch, batch.seq)
+                == Admit::Duplicate
+            {
                 return;
             }
-            if batch.seq > p.applied_seq + 1 {
-                inner.metrics.gaps.inc();
-                tracing::warn!(missing = batch.seq - p.applied_seq - 1, "gap in the origin's sequence; flushing caches");
-                drop(peers);
-                inner.flush_all("gap");
-                peers = inner.peers.lock().unwrap_or_else(|e| e.into_inner());
-            }
-            if let Some(p) = peers.get_mut(&batch.origin) {
-                p.applied_seq = batch.seq;
-                p.last_seen_us = now_us();
-            }
         }
+        Admit::FirstContact => catch_up(inner, &batch.origin, batch.epoch, batch.seq - 1).await,
+        Admit::Apply => {}
+    }
+    apply_batch(inner, batch, false).await;
+}
+
+/// Applies a batch to the caches, records it in the origin's tracking, and announces it.
+async fn apply_batch(inner: &BusInner, batch: Batch, replayed: bool) {
+    let span = tracing::debug_span!("apply", node = %inner.node_id, origin = %batch.origin, epoch = batch.epoch, seq = batch.seq, replayed);
+    async {
         let mut dropped = 0;
         let mut flushed = false;
         let mut purge_ids = Vec::new();
@@ -1038,9 +1333,26 @@ async fn apply_batch(inner: &BusInner, batch: Batch) {
             }
         }
         let applied_us = now_us();
+        inner.origins.lock().unwrap_or_else(|e| e.into_inner()).applied(
+            &batch.origin,
+            batch.epoch,
+            batch.seq,
+            batch.timestamp_us,
+            applied_us,
+        );
         inner.metrics.batches_received.inc();
-        inner.metrics.invalidations_received.add(batch.invalidations.len() as u64);
-        inner.metrics.propagation.record(applied_us.saturating_sub(batch.timestamp_us));
+        inner
+            .metrics
+            .invalidations_received
+            .add(batch.invalidations.len() as u64);
+        if replayed {
+            inner.metrics.replayed.inc();
+        } else {
+            inner
+                .metrics
+                .propagation
+                .record(applied_us.saturating_sub(batch.timestamp_us));
+        }
         let _ = inner.applied.send(Applied {
             origin: batch.origin,
             epoch: batch.epoch,
@@ -1055,4 +1367,188 @@ async fn apply_batch(inner: &BusInner, batch: Batch) {
     }
     .instrument(span)
     .await
+}
+
+/// Marks the node as repairing (reads bypass the caches) for the life of the guard.
+struct Repairing<'a>(&'a BusInner);
+
+impl<'a> Repairing<'a> {
+    fn start(inner: &'a BusInner) -> Self {
+        inner.health.repairing.store(true, Ordering::SeqCst);
+        inner
+            .health
+            .update(now_us(), inner.heartbeat_interval + inner.max_staleness);
+        inner.metrics.repairs.inc();
+        Repairing(inner)
+    }
+}
+
+impl Drop for Repairing<'_> {
+    fn drop(&mut self) {
+        self.0.health.repairing.store(false, Ordering::SeqCst);
+    }
+}
+
+fn flush_for(inner: &BusInner, cause: &str) {
+    inner.metrics.repair_flushes.inc();
+    tracing::warn!(node = %inner.node_id, cause, "flushing every cache: what was missed cannot be replayed");
+    inner.flush_all(cause);
+}
+
+async fn read_stream(inner: &BusInner, filter: String, since_us: u64) -> Result<Vec<Batch>, ReplayError> {
+    let Some(d) = &inner.durable else {
+        return Err(ReplayError::NoStream);
+    };
+    let since = since_us.saturating_sub(micros(d.config.replay_margin));
+    let mut batches = Vec::new();
+    repair::replay(
+        &d.stream,
+        filter,
+        since,
+        d.config.replay_timeout,
+        &inner.namespace,
+        &inner.limits,
+        |b| {
+            batches.push(b);
+            true
+        },
+    )
+    .await?;
+    Ok(batches)
+}
+
+/// Replays the missing batches of one origin, up to `to` in `epoch`, or flushes.
+async fn repair_origin(inner: &BusInner, origin: &str, epoch: u64, to: u64, cause: &str) {
+    let _repairing = Repairing::start(inner);
+    let since = {
+        let origins = inner.origins.lock().unwrap_or_else(|e| e.into_inner());
+        origins
+            .map
+            .get(origin)
+            .map(|o| {
+                if o.epoch == epoch {
+                    o.applied_us.min(o.last_seen_us)
+                } else {
+                    o.last_seen_us
+                }
+            })
+            .filter(|t| *t > 0)
+            .unwrap_or(inner.started_us)
+    };
+    match read_stream(inner, inner.subjects.inv(origin), since).await {
+        Ok(batches) => {
+            for b in batches {
+                if b.origin != origin || b.epoch != epoch || b.seq > to {
+                    continue;
+                }
+                let admit = inner
+                    .origins
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .admit(&b.origin, b.epoch, b.seq);
+                if admit == Admit::Apply {
+                    apply_batch(inner, b, true).await;
+                }
+            }
+            let reached = inner
+                .origins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .map
+                .get(origin)
+                .is_some_and(|o| o.epoch == epoch && o.applied_seq >= to);
+            if reached {
+                tracing::info!(node = %inner.node_id, origin, to, cause, "repaired from the stream");
+            } else {
+                flush_for(
+                    inner,
+                    &format!("{cause}: batches of {origin} up to {to} are no longer in the stream"),
+                );
+                inner
+                    .origins
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .applied(origin, epoch, to, 0, now_us());
+            }
+        }
+        Err(e) => {
+            flush_for(inner, &format!("{cause}: replay failed: {e}"));
+            inner
+                .origins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .applied(origin, epoch, to, 0, now_us());
+        }
+    }
+}
+
+/// First contact with an origin (or an epoch) at sequence `upto + 1`: apply whatever of its
+/// earlier batches the stream holds since this node started, since some may have been published
+/// after this node subscribed and lost. Earlier ones predate this node's caches.
+async fn catch_up(inner: &BusInner, origin: &str, epoch: u64, upto: u64) {
+    if inner.durable.is_some() {
+        let _repairing = Repairing::start(inner);
+        match read_stream(inner, inner.subjects.inv(origin), inner.started_us).await {
+            Ok(batches) => {
+                for b in batches {
+                    if b.origin == origin && b.epoch == epoch && b.seq <= upto {
+                        let admit = inner
+                            .origins
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .admit(&b.origin, b.epoch, b.seq);
+                        if admit != Admit::Duplicate {
+                            apply_batch(inner, b, true).await;
+                        }
+                    }
+                }
+            }
+            Err(e) => flush_for(inner, &format!("first contact with {origin}: replay failed: {e}")),
+        }
+    }
+    let mut origins = inner.origins.lock().unwrap_or_else(|e| e.into_inner());
+    let o = origins.map.entry(origin.to_owned()).or_default();
+    if o.epoch == epoch && o.applied_seq >= upto {
+        return;
+    }
+    origins.applied(origin, epoch, upto, 0, now_us());
+}
+
+/// Replays every origin's batches since `since_us`, or flushes when that is not possible.
+async fn repair_all(inner: &BusInner, since_us: u64, cause: &str) {
+    let _repairing = Repairing::start(inner);
+    match read_stream(inner, inner.subjects.all_inv(), since_us).await {
+        Ok(batches) => {
+            let mut clipped = false;
+            for b in batches {
+                if b.origin == inner.node_id {
+                    continue;
+                }
+                let admit = inner
+                    .origins
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .admit(&b.origin, b.epoch, b.seq);
+                match admit {
+                    Admit::Duplicate => continue,
+                    Admit::Apply | Admit::FirstContact => {}
+                    Admit::Gap { .. } => clipped = true,
+                }
+                apply_batch(inner, b, true).await;
+            }
+            let behind = inner
+                .origins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .map
+                .iter()
+                .any(|(_, o)| o.announced_seq > o.applied_seq);
+            if clipped || behind {
+                flush_for(inner, &format!("{cause}: the stream no longer holds everything missed"));
+            } else {
+                tracing::info!(node = %inner.node_id, cause, "repaired from the stream");
+            }
+        }
+        Err(e) => flush_for(inner, &format!("{cause}: {e}")),
+    }
 }

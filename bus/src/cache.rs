@@ -55,7 +55,12 @@ pub struct Loaded<V> {
 impl<V> Loaded<V> {
     /// A value with no tags and no version.
     pub fn new(value: V) -> Self {
-        Loaded { value, tags: Vec::new(), version: None, ttl: None }
+        Loaded {
+            value,
+            tags: Vec::new(),
+            version: None,
+            ttl: None,
+        }
     }
 
     /// Adds a tag.
@@ -196,7 +201,10 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             builder = builder.time_to_idle(tti);
         }
         let window = config.version_window.unwrap_or(config.time_to_live);
-        let floors = moka::sync::Cache::builder().max_capacity(config.max_capacity.max(1024)).time_to_live(window).build();
+        let floors = moka::sync::Cache::builder()
+            .max_capacity(config.max_capacity.max(1024))
+            .time_to_live(window)
+            .build();
         let cache = Arc::new(LocalCache {
             name: name.to_owned(),
             max_tags,
@@ -244,7 +252,10 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         if s < self.all_gen.load(Ordering::Acquire) {
             return false;
         }
-        if s < self.last_tag_gen.load(Ordering::Acquire) && !slot.tags.is_empty() && self.tag_purged_since(&slot.tags, s) {
+        if s < self.last_tag_gen.load(Ordering::Acquire)
+            && !slot.tags.is_empty()
+            && self.tag_purged_since(&slot.tags, s)
+        {
             return false;
         }
         if s < self.last_prefix_gen.load(Ordering::Acquire) && self.prefix_purged_since(key, s) {
@@ -255,12 +266,15 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
 
     fn tag_purged_since(&self, tags: &[impl AsRef<str>], stamp: u64) -> bool {
         let records = self.tags.read().unwrap_or_else(|e| e.into_inner());
-        tags.iter().any(|t| records.get(t.as_ref()).is_some_and(|r| r.gen > stamp))
+        tags.iter()
+            .any(|t| records.get(t.as_ref()).is_some_and(|r| r.gen > stamp))
     }
 
     fn prefix_purged_since(&self, key: &str, stamp: u64) -> bool {
         let records = self.prefixes.read().unwrap_or_else(|e| e.into_inner());
-        records.iter().any(|p| p.gen > stamp && key.starts_with(p.prefix.as_str()))
+        records
+            .iter()
+            .any(|p| p.gen > stamp && key.starts_with(p.prefix.as_str()))
     }
 
     /// Opens a lease on `key` without joining or starting a shared load.
@@ -273,7 +287,13 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             invalidated: AtomicBool::new(false),
             min_version: AtomicU64::new(0),
         });
-        map.entry(key.to_owned()).or_insert_with(|| KeyLeases { leases: Vec::new(), flight: None }).leases.push(lease.clone());
+        map.entry(key.to_owned())
+            .or_insert_with(|| KeyLeases {
+                leases: Vec::new(),
+                flight: None,
+            })
+            .leases
+            .push(lease.clone());
         lease
     }
 
@@ -306,7 +326,10 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         loop {
             let role = {
                 let mut map = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-                let entry = map.entry(key.to_owned()).or_insert_with(|| KeyLeases { leases: Vec::new(), flight: None });
+                let entry = map.entry(key.to_owned()).or_insert_with(|| KeyLeases {
+                    leases: Vec::new(),
+                    flight: None,
+                });
                 match &entry.flight {
                     Some(f) => Err(f.result.clone()),
                     None => {
@@ -317,7 +340,10 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                         });
                         let (tx, rx) = watch::channel(None);
                         entry.leases.push(lease.clone());
-                        entry.flight = Some(Flight { lease: lease.clone(), result: rx });
+                        entry.flight = Some(Flight {
+                            lease: lease.clone(),
+                            result: rx,
+                        });
                         Ok((lease, tx))
                     }
                 }
@@ -333,10 +359,16 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                     Err(_) => continue,
                 },
                 Ok((lease, tx)) => {
-                    let guard = LeaseGuard { cache: self, key, lease: &lease };
+                    let guard = LeaseGuard {
+                        cache: self,
+                        key,
+                        lease: &lease,
+                    };
                     let Some(loader) = loader.take() else {
                         // Unreachable: a caller leads at most once, since leading ends the loop.
-                        return Err(LoadError(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from("loader already used"))));
+                        return Err(LoadError(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
+                            "loader already used",
+                        ))));
                     };
                     self.metrics.loads.inc();
                     let result = match loader().await {
@@ -357,7 +389,10 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
 
     fn admissible(&self, key: &str, lease: &Lease, tags: &[impl AsRef<str>], version: Option<u64>) -> bool {
         let s = lease.stamp;
-        if lease.invalidated.load(Ordering::SeqCst) || s < self.all_gen.load(Ordering::SeqCst) || s < self.horizon.load(Ordering::SeqCst) {
+        if lease.invalidated.load(Ordering::SeqCst)
+            || s < self.all_gen.load(Ordering::SeqCst)
+            || s < self.horizon.load(Ordering::SeqCst)
+        {
             return false;
         }
         let min = lease.min_version.load(Ordering::SeqCst);
@@ -438,7 +473,13 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                 let g = self.next_gen();
                 let overflow = {
                     let mut records = self.tags.write().unwrap_or_else(|e| e.into_inner());
-                    records.insert(tag.as_str().into(), Record { gen: g, at: Instant::now() });
+                    records.insert(
+                        tag.as_str().into(),
+                        Record {
+                            gen: g,
+                            at: Instant::now(),
+                        },
+                    );
                     records.len() > self.config.max_purge_records
                 };
                 self.last_tag_gen.fetch_max(g, Ordering::SeqCst);
@@ -457,7 +498,11 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                 let overflow = {
                     let mut records = self.prefixes.write().unwrap_or_else(|e| e.into_inner());
                     records.retain(|p| p.prefix != *prefix);
-                    records.push(PrefixRecord { prefix: prefix.clone(), gen: g, at: Instant::now() });
+                    records.push(PrefixRecord {
+                        prefix: prefix.clone(),
+                        gen: g,
+                        at: Instant::now(),
+                    });
                     records.len() > MAX_PREFIX_RECORDS.min(self.config.max_purge_records)
                 };
                 self.last_prefix_gen.fetch_max(g, Ordering::SeqCst);
@@ -496,14 +541,19 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         let dropped = match version {
             None => self.moka.remove(key).await.is_some(),
             Some(v) => {
-                self.floors.entry_by_ref(key).and_upsert_with(|cur| cur.map_or(v, |e| (*e.value()).max(v)));
+                self.floors
+                    .entry_by_ref(key)
+                    .and_upsert_with(|cur| cur.map_or(v, |e| (*e.value()).max(v)));
                 match self.moka.get(key).await {
                     Some(slot) if slot.version.is_none_or(|have| have < v) => self.moka.remove(key).await.is_some(),
                     _ => false,
                 }
             }
         };
-        ApplyOutcome { dropped: u64::from(dropped), flushed: false }
+        ApplyOutcome {
+            dropped: u64::from(dropped),
+            flushed: false,
+        }
     }
 
     /// Drops every entry: reads see nothing filled before this call, and loads in flight are
@@ -521,7 +571,10 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         self.moka.invalidate_all();
         self.metrics.flushes.inc();
         tracing::info!(cache = %self.name, cause, "cache flushed");
-        ApplyOutcome { dropped: 0, flushed: true }
+        ApplyOutcome {
+            dropped: 0,
+            flushed: true,
+        }
     }
 
     pub fn entry_count(&self) -> u64 {
@@ -760,7 +813,10 @@ mod tests {
         });
         started_rx.await.unwrap();
         c.apply(&Target::Key("k".into()), None).await;
-        let second = c.get_or_load("k", || async { Ok::<_, Err>(Loaded::new(2)) }).await.unwrap();
+        let second = c
+            .get_or_load("k", || async { Ok::<_, Err>(Loaded::new(2)) })
+            .await
+            .unwrap();
         assert_eq!(second, 2);
         gate.notify_one();
         assert_eq!(first.await.unwrap(), 1);
@@ -771,7 +827,9 @@ mod tests {
     #[tokio::test]
     async fn loader_errors_reach_every_waiter_and_nothing_is_cached() {
         let c = cache();
-        let r = c.get_or_load("k", || async { Err::<Loaded<u64>, _>(Err::other("db down")) }).await;
+        let r = c
+            .get_or_load("k", || async { Err::<Loaded<u64>, _>(Err::other("db down")) })
+            .await;
         assert!(r.unwrap_err().to_string().contains("db down"));
         assert_eq!(c.get("k").await, None);
     }
@@ -795,7 +853,8 @@ mod tests {
         for i in 0..1000 {
             let k = format!("k{i}");
             let l = c.lease(&k);
-            c.fill(&k, &l, Loaded::new(i).tag(if i % 2 == 0 { "even" } else { "odd" })).await;
+            c.fill(&k, &l, Loaded::new(i).tag(if i % 2 == 0 { "even" } else { "odd" }))
+                .await;
             c.release(&k, &l);
         }
         c.apply(&Target::Tag("even".into()), None).await;

@@ -157,13 +157,14 @@ pub fn check_invalidation(inv: &Invalidation, limits: &Limits) -> Result<(), Str
     match &inv.target {
         Target::Key(k) if k.is_empty() => return Err("empty key".into()),
         Target::Tag(t) if t.is_empty() => return Err("empty tag".into()),
-        Target::Prefix(p) if p.is_empty() => {
-            return Err("empty prefix (use an `all` target to drop everything)".into())
-        }
+        Target::Prefix(p) if p.is_empty() => return Err("empty prefix (use an `all` target to drop everything)".into()),
         _ => {}
     }
     if inv.version.is_some() && !matches!(inv.target, Target::Key(_)) {
-        return Err(format!("a version applies to key targets only, not to a {}", inv.target.kind()));
+        return Err(format!(
+            "a version applies to key targets only, not to a {}",
+            inv.target.kind()
+        ));
     }
     if let Some(c) = &inv.cache {
         if c.is_empty() || c.len() > limits.max_key_bytes {
@@ -216,7 +217,10 @@ fn to_wire(inv: &Invalidation) -> wire::Invalidation {
 /// Decodes and checks a batch that arrived on `namespace`'s subject.
 pub fn decode_batch(payload: &[u8], namespace: &str, limits: &Limits) -> Result<Batch, DecodeError> {
     if payload.len() > limits.max_message_bytes {
-        return Err(DecodeError::Oversized { size: payload.len(), limit: limits.max_message_bytes });
+        return Err(DecodeError::Oversized {
+            size: payload.len(),
+            limit: limits.max_message_bytes,
+        });
     }
     let msg = wire::InvalidationBatch::decode(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if msg.namespace != namespace {
@@ -246,9 +250,7 @@ pub fn decode_batch(payload: &[u8], namespace: &str, limits: &Limits) -> Result<
             Some(W::Tag(t)) => Target::Tag(t),
             Some(W::Prefix(p)) => Target::Prefix(p),
             Some(W::All(true)) => Target::All,
-            Some(W::All(false)) | None => {
-                return Err(DecodeError::Invalid(format!("invalidation {i} has no target")))
-            }
+            Some(W::All(false)) | None => return Err(DecodeError::Invalid(format!("invalidation {i} has no target"))),
         };
         let inv = Invalidation {
             cache: if w.cache.is_empty() { None } else { Some(w.cache) },
@@ -283,7 +285,10 @@ pub fn encode_heartbeat(hb: &Heartbeat) -> Bytes {
         caches: hb
             .caches
             .iter()
-            .map(|(name, entries)| wire::CacheSize { name: name.clone(), entries: *entries })
+            .map(|(name, entries)| wire::CacheSize {
+                name: name.clone(),
+                entries: *entries,
+            })
             .collect(),
     };
     Bytes::from(msg.encode_to_vec())
@@ -292,7 +297,10 @@ pub fn encode_heartbeat(hb: &Heartbeat) -> Bytes {
 /// Decodes and checks a heartbeat that arrived on `namespace`'s subject.
 pub fn decode_heartbeat(payload: &[u8], namespace: &str, limits: &Limits) -> Result<Heartbeat, DecodeError> {
     if payload.len() > limits.max_message_bytes {
-        return Err(DecodeError::Oversized { size: payload.len(), limit: limits.max_message_bytes });
+        return Err(DecodeError::Oversized {
+            size: payload.len(),
+            limit: limits.max_message_bytes,
+        });
     }
     let msg = wire::Heartbeat::decode(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if msg.namespace != namespace {
@@ -342,16 +350,31 @@ mod tests {
         let limits = Limits::default();
         let bytes = encode_batch(&batch());
         assert_eq!(decode_batch(&bytes, "other", &limits).unwrap_err().kind(), "foreign");
-        assert_eq!(decode_batch(b"\xff\xff\xff", "ns", &limits).unwrap_err().kind(), "malformed");
-        let small = Limits { max_message_bytes: 4, ..Limits::default() };
+        assert_eq!(
+            decode_batch(b"\xff\xff\xff", "ns", &limits).unwrap_err().kind(),
+            "malformed"
+        );
+        let small = Limits {
+            max_message_bytes: 4,
+            ..Limits::default()
+        };
         assert_eq!(decode_batch(&bytes, "ns", &small).unwrap_err().kind(), "oversized");
         let mut b = batch();
         b.invalidations[0].target = Target::Key("x".repeat(limits.max_key_bytes + 1));
-        assert_eq!(decode_batch(&encode_batch(&b), "ns", &limits).unwrap_err().kind(), "invalid");
+        assert_eq!(
+            decode_batch(&encode_batch(&b), "ns", &limits).unwrap_err().kind(),
+            "invalid"
+        );
         let mut b = batch();
         b.invalidations.clear();
-        assert_eq!(decode_batch(&encode_batch(&b), "ns", &limits).unwrap_err().kind(), "invalid");
-        let few = Limits { max_batch_invalidations: 1, ..Limits::default() };
+        assert_eq!(
+            decode_batch(&encode_batch(&b), "ns", &limits).unwrap_err().kind(),
+            "invalid"
+        );
+        let few = Limits {
+            max_batch_invalidations: 1,
+            ..Limits::default()
+        };
         assert_eq!(decode_batch(&bytes, "ns", &few).unwrap_err().kind(), "invalid");
     }
 }

@@ -111,3 +111,90 @@ impl CacheConfig {
         self
     }
 }
+
+/// Settings of the JetStream stream that keeps every batch for replay (and for the audit log).
+///
+/// ```
+/// use std::time::Duration;
+/// let js = invalbus::JetStreamConfig::default().max_age(Duration::from_secs(3600)).replicas(3);
+/// assert_eq!(js.replicas, 3);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetStreamConfig {
+    /// How long batches are kept (default 24 h). A node cut off for longer flushes instead of
+    /// replaying.
+    pub max_age: Duration,
+    /// Most bytes kept (default 1 GiB); the oldest batches go first.
+    pub max_bytes: i64,
+    /// Copies kept in a NATS cluster (1 or 3 usually; at most the number of servers).
+    pub replicas: usize,
+    /// How long one publish waits for the stream's acknowledgement before it is sent again
+    /// (with the same message id, so the stream stores it once).
+    pub ack_timeout: Duration,
+    /// How long a batch is retried before its tickets get an error (the invalidation was
+    /// applied locally; peers that missed it find the gap and flush).
+    pub publish_deadline: Duration,
+    /// How far back a replay starts before the last batch applied, to cover clock skew
+    /// between the publisher and the NATS server.
+    pub replay_margin: Duration,
+    /// How long a replay may take before the node gives up and flushes.
+    pub replay_timeout: Duration,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            max_age: Duration::from_secs(24 * 3600),
+            max_bytes: 1 << 30,
+            replicas: 1,
+            ack_timeout: Duration::from_secs(2),
+            publish_deadline: Duration::from_secs(30),
+            replay_margin: Duration::from_secs(5),
+            replay_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl JetStreamConfig {
+    /// Sets how long batches are kept.
+    ///
+    /// ```
+    /// let js = invalbus::JetStreamConfig::default().max_age(std::time::Duration::from_secs(60));
+    /// assert_eq!(js.max_age.as_secs(), 60);
+    /// ```
+    pub fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = max_age;
+        self
+    }
+
+    /// Sets the number of copies in a NATS cluster.
+    ///
+    /// ```
+    /// assert_eq!(invalbus::JetStreamConfig::default().replicas(3).replicas, 3);
+    /// ```
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas.max(1);
+        self
+    }
+
+    /// Sets the most bytes kept.
+    ///
+    /// ```
+    /// assert_eq!(invalbus::JetStreamConfig::default().max_bytes(1024).max_bytes, 1024);
+    /// ```
+    pub fn max_bytes(mut self, max_bytes: i64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Sets how long a batch is retried before its tickets get an error.
+    ///
+    /// ```
+    /// let js = invalbus::JetStreamConfig::default().publish_deadline(std::time::Duration::from_secs(5));
+    /// assert_eq!(js.publish_deadline.as_secs(), 5);
+    /// ```
+    pub fn publish_deadline(mut self, deadline: Duration) -> Self {
+        self.publish_deadline = deadline;
+        self
+    }
+}

@@ -78,11 +78,17 @@ mod cache;
 mod codec;
 mod config;
 mod metrics;
+mod repair;
 mod transport;
 
-pub use bus::{now_us, Applied, BuildError, Bus, BusBuilder, Cache, CacheError, InvalidateError, Peer, Published, Reservation, Ticket};
+pub use bus::{
+    now_us, Applied, BuildError, Bus, BusBuilder, Cache, CacheError, InvalidateError, Peer, Published, Reservation,
+    Ticket,
+};
 pub use cache::{ApplyOutcome, FillOutcome, LoadError, Loaded};
-pub use codec::{decode_batch, decode_heartbeat, encode_batch, encode_heartbeat, Batch, DecodeError, Heartbeat, Invalidation, Target};
-pub use config::{CacheConfig, Limits};
+pub use codec::{
+    decode_batch, decode_heartbeat, encode_batch, encode_heartbeat, Batch, DecodeError, Heartbeat, Invalidation, Target,
+};
+pub use config::{CacheConfig, JetStreamConfig, Limits};
 pub use metrics::{BusStats, CacheStats, LatencySnapshot};
 pub use transport::{InProcessHub, PublishError};

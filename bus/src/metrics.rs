@@ -103,7 +103,10 @@ impl Latency {
         match self.hist.lock() {
             Ok(h) => {
                 let counts = bounds_us.iter().map(|b| h.count_between(0, *b)).collect();
-                let sum = h.iter_recorded().map(|v| v.value_iterated_to() * v.count_at_value()).sum();
+                let sum = h
+                    .iter_recorded()
+                    .map(|v| v.value_iterated_to() * v.count_at_value())
+                    .sum();
                 (h.len(), sum, counts)
             }
             Err(_) => (0, 0, vec![0; bounds_us.len()]),
@@ -194,6 +197,9 @@ pub(crate) struct BusMetrics {
     pub duplicates: Counter,
     pub gaps: Counter,
     pub heartbeats_received: Counter,
+    pub replayed: Counter,
+    pub repairs: Counter,
+    pub repair_flushes: Counter,
     pub propagation: Latency,
 }
 
@@ -230,6 +236,16 @@ pub struct BusStats {
     pub gaps: u64,
     /// Heartbeats received from peers.
     pub heartbeats_received: u64,
+    /// Batches applied from the JetStream stream during repairs.
+    pub replayed: u64,
+    /// Repairs started (gaps, tail loss, reconnects, slow consumer, heartbeat lapses).
+    pub repairs: u64,
+    /// Repairs that ended in a flush because the stream could not cover the loss.
+    pub repair_flushes: u64,
+    /// Time spent not serving from cache (cut off or repairing), in microseconds.
+    pub suspect_us: u64,
+    /// Whether the caches serve right now.
+    pub serving: bool,
     /// Publish-to-applied latency of peers' batches here (sender's clock to ours).
     pub propagation: LatencySnapshot,
 }
@@ -252,6 +268,11 @@ impl BusMetrics {
             duplicates: self.duplicates.get(),
             gaps: self.gaps.get(),
             heartbeats_received: self.heartbeats_received.get(),
+            replayed: self.replayed.get(),
+            repairs: self.repairs.get(),
+            repair_flushes: self.repair_flushes.get(),
+            suspect_us: 0,
+            serving: true,
             propagation: self.propagation.snapshot(),
         }
     }

@@ -15,7 +15,9 @@ pub(crate) struct Subjects {
 
 impl Subjects {
     pub fn new(namespace: &str) -> Self {
-        Subjects { prefix: format!("invalbus.{namespace}") }
+        Subjects {
+            prefix: format!("invalbus.{namespace}"),
+        }
     }
     /// Where `origin` publishes its batches.
     pub fn inv(&self, origin: &str) -> String {
@@ -30,7 +32,6 @@ impl Subjects {
         format!("{}.*.*", self.prefix)
     }
     /// Every batch of the namespace (what a JetStream stream keeps).
-    #[allow(dead_code)] // used by the JetStream stream of the never-stale work
     pub fn all_inv(&self) -> String {
         format!("{}.inv.*", self.prefix)
     }
@@ -83,13 +84,17 @@ impl Default for InProcessHub {
 impl InProcessHub {
     /// A hub whose subscribers may fall up to 65,536 messages behind.
     pub fn new() -> Self {
-        InProcessHub { tx: broadcast::channel(65_536).0 }
+        InProcessHub {
+            tx: broadcast::channel(65_536).0,
+        }
     }
 }
 
 impl std::fmt::Debug for InProcessHub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InProcessHub").field("subscribers", &self.tx.receiver_count()).finish()
+        f.debug_struct("InProcessHub")
+            .field("subscribers", &self.tx.receiver_count())
+            .finish()
     }
 }
 
@@ -117,7 +122,10 @@ pub enum PublishError {
 impl Link {
     pub async fn publish(&self, subject: String, payload: Bytes) -> Result<(), PublishError> {
         match self {
-            Link::Nats(client) => client.publish(subject, payload).await.map_err(|e| PublishError::Transport(e.to_string())),
+            Link::Nats(client) => client
+                .publish(subject, payload)
+                .await
+                .map_err(|e| PublishError::Transport(e.to_string())),
             Link::InProcess(hub) => {
                 // No receivers is not an error: nobody else is on the bus.
                 let _ = hub.tx.send((subject, payload));
@@ -127,12 +135,23 @@ impl Link {
     }
 
     /// Subscribes to `subject` (a `prefix.*.*` pattern) and yields messages and link events.
-    pub async fn subscribe(&self, subject: String, capacity: usize) -> Result<BoxStream<'static, Result<Received, LinkEvent>>, String> {
+    pub async fn subscribe(
+        &self,
+        subject: String,
+        capacity: usize,
+    ) -> Result<BoxStream<'static, Result<Received, LinkEvent>>, String> {
         match self {
             Link::Nats(client) => {
                 let sub = client.subscribe(subject).await.map_err(|e| e.to_string())?;
                 let _ = capacity;
-                Ok(sub.map(|m| Ok(Received { subject: m.subject.to_string(), payload: m.payload })).boxed())
+                Ok(sub
+                    .map(|m| {
+                        Ok(Received {
+                            subject: m.subject.to_string(),
+                            payload: m.payload,
+                        })
+                    })
+                    .boxed())
             }
             Link::InProcess(hub) => {
                 let prefix = subject.trim_end_matches("*.*").to_owned();
@@ -146,7 +165,9 @@ impl Link {
                                     return Some((Ok(Received { subject, payload }), rx));
                                 }
                                 Ok(_) => continue,
-                                Err(broadcast::error::RecvError::Lagged(_)) => return Some((Err(LinkEvent::SlowConsumer), rx)),
+                                Err(broadcast::error::RecvError::Lagged(_)) => {
+                                    return Some((Err(LinkEvent::SlowConsumer), rx))
+                                }
                                 Err(broadcast::error::RecvError::Closed) => return None,
                             }
                         }
