@@ -66,12 +66,33 @@
 //! **Time**: every entry expires after its cache's time to live whatever happens to messages
 //! (events plus time).
 //!
-//! **Not yet guaranteed**: core NATS delivers at most once. A peer that finds a gap in an
-//! origin's sequence, is told it was a slow consumer, or reconnects after a disconnect flushes
-//! its caches, since it may have missed invalidations. Loss of an origin's *last* message is
-//! not detected by sequence alone, and a publish that failed while disconnected is reported to
-//! its ticket but not retried. Replay from JetStream and a bounded staleness during outages
-//! are the subject of the never-stale work.
+//! **Loss and outages: the staleness bound.** With a JetStream stream configured
+//! ([`BusBuilder::jetstream`]), an invalidation is *accepted* when its [`Ticket`] resolves
+//! `Ok`: the stream has acknowledged it (an acknowledgement that timed out is retried with the
+//! same message id, so it is stored once; it means "unknown", never "lost"). From then on, no
+//! read on any node of the namespace returns data older than that invalidation for longer than
+//! [`Bus::staleness_bound`] = `heartbeat_interval + max_staleness` (+ 10 ms of watchdog tick;
+//! 2 s with the defaults of 1 s and 1 s), whatever NATS does in between: a node serves from its
+//! caches only while its own heartbeat keeps coming back through NATS within
+//! `heartbeat_interval + max_staleness`, so a node that is cut off, even silently, stops serving
+//! (reads go to the loader, nothing is cached) within that bound. Every batch carries
+//! `(origin, epoch, seq)`; a node that sees a gap, a peer's heartbeat announcing a batch it never
+//! got (tail loss), a slow-consumer event, a reconnect or a lapse of its own heartbeat stops
+//! serving at once, replays exactly what it missed from the stream, and serves again; when the
+//! stream no longer holds it (retention passed, stream unreachable, replay timeout), it flushes
+//! the caches instead and counts why ([`BusStats::repair_flushes`]). Zero misses are tolerated.
+//!
+//! Without JetStream the same detection runs, but every repair is a flush, and tickets resolve
+//! when the batch is handed to the NATS client, which proves nothing about delivery.
+//!
+//! **Publishing during an outage**: invalidations queue (bounded by
+//! [`BusBuilder::outbound_queue`]); a full queue makes the call return
+//! [`InvalidateError::QueueFull`] after the local invalidation; a batch not acknowledged within
+//! [`JetStreamConfig::publish_deadline`] resolves its tickets with an error. Its sequence number
+//! is used up, so peers see the gap and flush if they cannot replay it.
+//!
+//! **Restarts**: a restarted node has a new epoch; peers reset their tracking of it without
+//! flushing.
 
 mod bus;
 mod cache;
@@ -92,3 +113,8 @@ pub use codec::{
 pub use config::{CacheConfig, JetStreamConfig, Limits};
 pub use metrics::{BusStats, CacheStats, LatencySnapshot};
 pub use transport::{InProcessHub, PublishError};
+
+// The README's usage example is compiled and run as a doctest too.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
