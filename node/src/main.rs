@@ -1,6 +1,8 @@
-//! `invalbus-node`: the command line of an invalbus node (demo, and later the admin node and its client).
+//! `invalbus-node`: runs a node (`serve`), the demo, and the admin client (`purge`, `nodes`,
+//! `stats`, `audit`).
 
 use clap::{Parser, Subcommand};
+use invalbus_node::cli;
 
 mod demo;
 
@@ -8,6 +10,9 @@ mod demo;
 #[derive(Parser)]
 #[command(name = "invalbus-node", version, about)]
 struct Cli {
+    /// Log format: `text` or `json` (filter with RUST_LOG).
+    #[arg(long, global = true, env = "INVALBUS_LOG_FORMAT", default_value = "text")]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -16,20 +21,81 @@ struct Cli {
 enum Command {
     /// Run a local cluster of nodes with a blog workload and check every read for staleness.
     Demo(demo::DemoArgs),
+    /// Join the bus as a full node and serve the admin API and the sidecar cache over gRPC.
+    Serve(invalbus_node::ServeArgs),
+    /// Purge keys, tags or prefixes on every node.
+    Purge(cli::PurgeArgs),
+    /// List the nodes of the cluster as a node sees them.
+    Nodes(cli::ClientArgs),
+    /// Show a node's figures.
+    Stats(cli::ClientArgs),
+    /// Query the audit log, or follow it.
+    Audit(cli::AuditArgs),
 }
 
-fn init_tracing() {
+fn init_tracing(format: &str, default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(args: invalbus_node::ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let config = invalbus_node::NodeConfig::load(&args)?;
+    let node = invalbus_node::Node::start(config).await?;
+    eprintln!(
+        "invalbus-node: node {} serving on {}",
+        node.bus().node_id(),
+        node.addr()
+    );
+    wait_for_signal().await;
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    init_tracing();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Demo(args) => demo::run(args).await,
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    init_tracing(&cli.log_format, default_level);
+    let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match cli.command {
+        Command::Demo(args) => demo::run(args).await.map_err(|e| e.to_string().into()),
+        Command::Serve(args) => serve(args).await,
+        Command::Purge(args) => cli::purge(args).await,
+        Command::Nodes(args) => cli::nodes(args).await,
+        Command::Stats(args) => cli::stats(args).await,
+        Command::Audit(args) => cli::audit(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

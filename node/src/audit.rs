@@ -1,0 +1,802 @@
+//! The audit log: the batch stream is the record of every invalidation; each node adds one
+//! receipt per batch it applies to a receipts stream. Queries read both, newest first.
+//!
+//! Subjects (all under `invalbus.<ns>.audit.`, which has more than two tokens after the
+//! namespace, so the bus's receiver (`invalbus.<ns>.*.*`) never sees receipts):
+//!   `invalbus.<ns>.audit.receipt.<origin>.<epoch>.<seq>.<node>`
+//! so the receipts of one batch are one subject filter away.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use invalbus::{Applied, Batch, Invalidation, Limits, Target};
+use prost::Message;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::pb::admin::{AuditFilter, AuditInvalidation, AuditRecord, Receipt};
+
+/// Stream positions read per consumer when paging backwards.
+const CHUNK: u64 = 256;
+/// Most stream positions one query examines before it returns a page token to continue.
+const MAX_SCAN: u64 = 20_000;
+/// Publisher clocks may disagree with ours: a `since` bound stops the scan only this far past it.
+const CLOCK_MARGIN_US: u64 = 10 * 60 * 1_000_000;
+/// Most receipt acknowledgements awaited at once; beyond that, recording waits (never the bus).
+const MAX_PENDING_ACKS: usize = 4096;
+
+/// Subjects of the audit log of one namespace.
+#[derive(Debug, Clone)]
+pub struct AuditSubjects {
+    ns: String,
+}
+
+impl AuditSubjects {
+    /// The subjects of `namespace`.
+    pub fn new(namespace: &str) -> Self {
+        AuditSubjects {
+            ns: namespace.to_owned(),
+        }
+    }
+    /// Where `node` records its receipt of batch `(origin, epoch, seq)`.
+    pub fn receipt(&self, origin: &str, epoch: u64, seq: u64, node: &str) -> String {
+        format!("invalbus.{}.audit.receipt.{origin}.{epoch}.{seq}.{node}", self.ns)
+    }
+    /// Every receipt of one batch.
+    pub fn receipts_of(&self, origin: &str, epoch: u64, seq: u64) -> String {
+        format!("invalbus.{}.audit.receipt.{origin}.{epoch}.{seq}.*", self.ns)
+    }
+    /// Every receipt of the batches of one origin's epoch.
+    pub fn receipts_of_epoch(&self, origin: &str, epoch: u64) -> String {
+        format!("invalbus.{}.audit.receipt.{origin}.{epoch}.>", self.ns)
+    }
+    /// Every receipt.
+    pub fn all_receipts(&self) -> String {
+        format!("invalbus.{}.audit.receipt.>", self.ns)
+    }
+    /// Every batch (the bus's stream subjects).
+    pub fn all_batches(&self) -> String {
+        format!("invalbus.{}.inv.*", self.ns)
+    }
+    /// Name of the receipts stream.
+    pub fn receipts_stream(&self) -> String {
+        format!("INVALBUS_{}_RECEIPTS", self.ns)
+    }
+    /// Name of the batch stream (created by the bus).
+    pub fn batch_stream(&self) -> String {
+        format!("INVALBUS_{}", self.ns)
+    }
+}
+
+/// Why an audit query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The node runs without JetStream, so there is no durable log.
+    #[error("this node runs without JetStream: there is no audit log to query")]
+    NoStream,
+    /// The stream did not answer.
+    #[error("audit stream unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Counters of the recorder.
+#[derive(Debug, Default)]
+pub struct AuditCounters {
+    /// Receipts the stream acknowledged (or that were published, without JetStream).
+    pub receipts_published: AtomicU64,
+    /// Receipts that failed or were not acknowledged.
+    pub receipts_failed: AtomicU64,
+    /// Applied batches the recorder fell too far behind to see (no receipt written).
+    pub receipts_lagged: AtomicU64,
+}
+
+/// A validated filter of the audit log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub key: Option<String>,
+    pub tag: Option<String>,
+    pub prefix: Option<String>,
+    pub actor: Option<String>,
+    pub origin: Option<String>,
+    pub purge_id: Option<String>,
+    pub cache: Option<String>,
+    pub since_us: u64,
+    pub until_us: u64,
+}
+
+fn opt(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+impl Filter {
+    /// Validates a filter from the API; the error says what to fix.
+    pub fn from_pb(f: Option<&AuditFilter>, limits: &Limits) -> Result<Filter, String> {
+        let Some(f) = f else {
+            return Ok(Filter::default());
+        };
+        for (name, v) in [
+            ("key", &f.key),
+            ("tag", &f.tag),
+            ("prefix", &f.prefix),
+            ("actor", &f.actor),
+            ("origin", &f.origin),
+            ("purge_id", &f.purge_id),
+            ("cache", &f.cache),
+        ] {
+            if v.len() > limits.max_key_bytes {
+                return Err(format!(
+                    "filter.{name} is {} bytes; at most {} are allowed",
+                    v.len(),
+                    limits.max_key_bytes
+                ));
+            }
+        }
+        if !f.origin.is_empty()
+            && !f
+                .origin
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "filter.origin {:?} is not a node id (letters, digits, '-' and '_')",
+                f.origin
+            ));
+        }
+        if f.until_us != 0 && f.since_us > f.until_us {
+            return Err(format!(
+                "filter.since_us ({}) is after filter.until_us ({}): swap them or drop one",
+                f.since_us, f.until_us
+            ));
+        }
+        Ok(Filter {
+            key: opt(&f.key),
+            tag: opt(&f.tag),
+            prefix: opt(&f.prefix),
+            actor: opt(&f.actor),
+            origin: opt(&f.origin),
+            purge_id: opt(&f.purge_id),
+            cache: opt(&f.cache),
+            since_us: f.since_us,
+            until_us: f.until_us,
+        })
+    }
+
+    fn matches_batch(&self, b: &Batch) -> bool {
+        if self.origin.as_ref().is_some_and(|o| *o != b.origin) {
+            return false;
+        }
+        if self.since_us != 0 && b.timestamp_us < self.since_us {
+            return false;
+        }
+        if self.until_us != 0 && b.timestamp_us > self.until_us {
+            return false;
+        }
+        true
+    }
+
+    /// Whether one invalidation matches. A key filter matches every invalidation that covered
+    /// the key: the key itself, a prefix of it, and "everything".
+    fn matches(&self, inv: &Invalidation) -> bool {
+        if let Some(k) = &self.key {
+            let hit = match &inv.target {
+                Target::Key(x) => x == k,
+                Target::Prefix(p) => k.starts_with(p.as_str()),
+                Target::All => true,
+                _ => false,
+            };
+            if !hit {
+                return false;
+            }
+        }
+        if self.tag.as_ref().is_some_and(|t| inv.target != Target::Tag(t.clone())) {
+            return false;
+        }
+        if self
+            .prefix
+            .as_ref()
+            .is_some_and(|p| inv.target != Target::Prefix(p.clone()))
+        {
+            return false;
+        }
+        if self.actor.as_ref().is_some_and(|a| *a != inv.actor) {
+            return false;
+        }
+        if self.purge_id.as_ref().is_some_and(|p| *p != inv.purge_id) {
+            return false;
+        }
+        if let (Some(c), Some(ic)) = (&self.cache, &inv.cache) {
+            if c != ic {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The batch as a record with only its matching invalidations, or `None`.
+    pub fn record(&self, b: &Batch, stream_seq: u64) -> Option<AuditRecord> {
+        if !self.matches_batch(b) {
+            return None;
+        }
+        let invalidations: Vec<_> = b
+            .invalidations
+            .iter()
+            .filter(|i| self.matches(i))
+            .map(audit_invalidation)
+            .collect();
+        if invalidations.is_empty() {
+            return None;
+        }
+        Some(AuditRecord {
+            origin: b.origin.clone(),
+            epoch: b.epoch,
+            seq: b.seq,
+            published_us: b.timestamp_us,
+            stream_seq,
+            invalidations,
+            receipts: Vec::new(),
+            batch_size: b.invalidations.len() as u32,
+        })
+    }
+}
+
+fn audit_invalidation(i: &Invalidation) -> AuditInvalidation {
+    AuditInvalidation {
+        cache: i.cache.clone().unwrap_or_default(),
+        kind: i.target.kind().to_owned(),
+        target: i.target.text().to_owned(),
+        version: i.version,
+        reason: i.reason.clone(),
+        actor: i.actor.clone(),
+        purge_id: i.purge_id.clone(),
+    }
+}
+
+/// The receipt of a batch applied from a peer.
+pub fn receipt_of(node: &str, a: &Applied) -> Receipt {
+    Receipt {
+        node: node.to_owned(),
+        origin: a.origin.clone(),
+        epoch: a.epoch,
+        seq: a.seq,
+        published_us: a.published_us,
+        applied_us: a.applied_us,
+        dropped: a.dropped,
+        flushed: a.flushed,
+        invalidations: a.invalidations as u32,
+        purge_ids: a.purge_ids.clone(),
+        local: false,
+    }
+}
+
+/// The audit log as one node sees it: it records this node's receipts and answers queries.
+pub struct Audit {
+    subjects: AuditSubjects,
+    namespace: String,
+    node_id: String,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    durable: bool,
+    limits: Limits,
+    local: mpsc::Sender<Receipt>,
+    /// What the recorder did.
+    pub counters: Arc<AuditCounters>,
+}
+
+impl Audit {
+    /// Sets up the receipts stream (with JetStream) and starts the recorder, which writes one
+    /// receipt per batch `applied` reports, and one per local receipt handed to
+    /// [`Audit::record_local`]. The recorder stops when `shutdown` turns true, after writing what
+    /// is queued.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        client: async_nats::Client,
+        namespace: &str,
+        node_id: &str,
+        js_config: Option<&invalbus::JetStreamConfig>,
+        limits: Limits,
+        applied: broadcast::Receiver<Applied>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(Audit, tokio::task::JoinHandle<()>), String> {
+        let subjects = AuditSubjects::new(namespace);
+        let js = jetstream::new(client.clone());
+        if let Some(c) = js_config {
+            let cfg = jetstream::stream::Config {
+                name: subjects.receipts_stream(),
+                subjects: vec![subjects.all_receipts()],
+                max_age: c.max_age,
+                max_bytes: c.max_bytes,
+                num_replicas: c.replicas,
+                duplicate_window: Duration::from_secs(120),
+                storage: jetstream::stream::StorageType::File,
+                discard: jetstream::stream::DiscardPolicy::Old,
+                ..Default::default()
+            };
+            match js.get_stream(&cfg.name).await {
+                Ok(mut s) => {
+                    let info = s.info().await.map_err(|e| e.to_string())?;
+                    let c = &info.config;
+                    if c.max_age != cfg.max_age || c.max_bytes != cfg.max_bytes || c.num_replicas != cfg.num_replicas {
+                        js.update_stream(cfg).await.map_err(|e| e.to_string())?;
+                    }
+                }
+                Err(_) => {
+                    js.get_or_create_stream(cfg).await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        let (local, local_rx) = mpsc::channel(4096);
+        let counters = Arc::new(AuditCounters::default());
+        let recorder = Recorder {
+            subjects: subjects.clone(),
+            node_id: node_id.to_owned(),
+            client: client.clone(),
+            js: js.clone(),
+            durable: js_config.is_some(),
+            counters: counters.clone(),
+        };
+        let task = tokio::spawn(recorder.run(applied, local_rx, shutdown));
+        Ok((
+            Audit {
+                subjects,
+                namespace: namespace.to_owned(),
+                node_id: node_id.to_owned(),
+                client,
+                js,
+                durable: js_config.is_some(),
+                limits,
+                local,
+                counters,
+            },
+            task,
+        ))
+    }
+
+    /// The subjects in use.
+    pub fn subjects(&self) -> &AuditSubjects {
+        &self.subjects
+    }
+
+    /// The NATS connection of the audit log.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// Queues this node's own receipt of a batch it published (the bus applies it locally before
+    /// publishing, so it reports no `Applied` for it).
+    pub fn record_local(&self, receipt: Receipt) {
+        if self.local.try_send(receipt).is_err() {
+            self.counters.receipts_lagged.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A local receipt of this node's batch `seq`.
+    pub fn local_receipt(&self, epoch: u64, seq: u64, applied_us: u64, invalidations: u32, purge_id: &str) -> Receipt {
+        Receipt {
+            node: self.node_id.clone(),
+            origin: self.node_id.clone(),
+            epoch,
+            seq,
+            published_us: invalbus::now_us(),
+            applied_us,
+            dropped: 0,
+            flushed: false,
+            invalidations,
+            purge_ids: if purge_id.is_empty() {
+                vec![]
+            } else {
+                vec![purge_id.to_owned()]
+            },
+            local: true,
+        }
+    }
+
+    /// One page of the records that match `filter`, newest first, with their receipts.
+    pub async fn query(
+        &self,
+        filter: &Filter,
+        page_size: usize,
+        before: Option<u64>,
+    ) -> Result<(Vec<AuditRecord>, Option<u64>, u64), AuditError> {
+        if !self.durable {
+            return Err(AuditError::NoStream);
+        }
+        let mut stream = self
+            .js
+            .get_stream(self.subjects.batch_stream())
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let first = info.state.first_sequence.max(1);
+        let last = info.state.last_sequence;
+        let mut hi = before.unwrap_or(last + 1).min(last + 1);
+        let mut records: Vec<AuditRecord> = Vec::new();
+        let mut scanned = 0u64;
+        let mut next: Option<u64> = None;
+        'scan: loop {
+            if hi <= first || last == 0 {
+                break;
+            }
+            if scanned >= MAX_SCAN {
+                next = Some(hi);
+                break;
+            }
+            let lo = hi.saturating_sub(CHUNK).max(first);
+            let chunk = read_range(&stream, self.subjects.all_batches(), lo, hi).await?;
+            scanned += hi - lo;
+            for (seq, payload) in chunk.into_iter().rev() {
+                let Ok(batch) = invalbus::decode_batch(&payload, &self.namespace, &self.limits) else {
+                    continue;
+                };
+                if filter.since_us != 0 && batch.timestamp_us + CLOCK_MARGIN_US < filter.since_us {
+                    break 'scan;
+                }
+                if let Some(r) = filter.record(&batch, seq) {
+                    records.push(r);
+                    if records.len() >= page_size {
+                        next = (seq > first).then_some(seq);
+                        break 'scan;
+                    }
+                }
+            }
+            hi = lo;
+        }
+        let with_receipts: Vec<AuditRecord> = futures::stream::iter(records)
+            .map(|mut r| async move {
+                r.receipts = self.receipts(&r.origin, r.epoch, r.seq).await.unwrap_or_default();
+                r
+            })
+            .buffered(8)
+            .collect()
+            .await;
+        Ok((with_receipts, next, scanned))
+    }
+
+    /// The receipts of one batch, one per node, ordered by node.
+    pub async fn receipts(&self, origin: &str, epoch: u64, seq: u64) -> Result<Vec<Receipt>, AuditError> {
+        let stream = self
+            .js
+            .get_stream(self.subjects.receipts_stream())
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let raw = read_range(&stream, self.subjects.receipts_of(origin, epoch, seq), 1, u64::MAX).await?;
+        Ok(merge_receipts(
+            raw.iter().filter_map(|(_, p)| Receipt::decode(p.as_ref()).ok()),
+        ))
+    }
+
+    /// Subscribes to batches and receipts as they are published, for a live tail.
+    pub async fn watch(
+        &self,
+        filter: Filter,
+        tx: mpsc::Sender<crate::pb::admin::AuditEvent>,
+    ) -> Result<(), AuditError> {
+        use crate::pb::admin::audit_event::Event;
+        let mut batches = self
+            .client
+            .subscribe(self.subjects.all_batches())
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let mut receipts = self
+            .client
+            .subscribe(self.subjects.all_receipts())
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let limits = self.limits.clone();
+        let namespace = self.namespace.clone();
+        tokio::spawn(async move {
+            let mut matched: HashSet<(String, u64, u64)> = HashSet::new();
+            let mut order: VecDeque<(String, u64, u64)> = VecDeque::new();
+            let everything = filter == Filter::default();
+            loop {
+                let event = tokio::select! {
+                    m = batches.next() => {
+                        let Some(m) = m else { return };
+                        let Ok(b) = invalbus::decode_batch(&m.payload, &namespace, &limits) else { continue };
+                        let Some(r) = filter.record(&b, 0) else { continue };
+                        let k = (b.origin.clone(), b.epoch, b.seq);
+                        if matched.insert(k.clone()) {
+                            order.push_back(k);
+                            if order.len() > 10_000 {
+                                if let Some(old) = order.pop_front() {
+                                    matched.remove(&old);
+                                }
+                            }
+                        }
+                        Event::Record(r)
+                    }
+                    m = receipts.next() => {
+                        let Some(m) = m else { return };
+                        let Ok(r) = Receipt::decode(m.payload.as_ref()) else { continue };
+                        let k = (r.origin.clone(), r.epoch, r.seq);
+                        let by_purge = filter.purge_id.as_ref().is_some_and(|p| r.purge_ids.contains(p));
+                        if !(everything || by_purge || matched.contains(&k)) {
+                            continue;
+                        }
+                        Event::Receipt(r)
+                    }
+                    _ = tx.closed() => return,
+                };
+                if tx
+                    .send(crate::pb::admin::AuditEvent { event: Some(event) })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// One receipt per node (a node that wrote two for one batch, e.g. two purges in one local
+/// batch, has them merged), ordered by node.
+pub fn merge_receipts(receipts: impl Iterator<Item = Receipt>) -> Vec<Receipt> {
+    let mut by_node: HashMap<String, Receipt> = HashMap::new();
+    for r in receipts {
+        match by_node.get_mut(&r.node) {
+            Some(have) => {
+                for p in r.purge_ids {
+                    if !have.purge_ids.contains(&p) {
+                        have.purge_ids.push(p);
+                    }
+                }
+            }
+            None => {
+                by_node.insert(r.node.clone(), r);
+            }
+        }
+    }
+    let mut v: Vec<_> = by_node.into_values().collect();
+    v.sort_by(|a, b| a.node.cmp(&b.node));
+    v
+}
+
+/// The stream's messages on `filter` with stream sequence in `[start, end)`, in order.
+async fn read_range(
+    stream: &jetstream::stream::Stream,
+    filter: String,
+    start: u64,
+    end: u64,
+) -> Result<Vec<(u64, Bytes)>, AuditError> {
+    let work = async {
+        let mut consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let pending = consumer
+            .info()
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?
+            .num_pending;
+        let mut out = Vec::new();
+        if pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        while let Some(msg) = messages.next().await {
+            let msg = msg.map_err(|e| AuditError::Unavailable(e.to_string()))?;
+            let Ok(info) = msg.info() else { break };
+            let (seq, left) = (info.stream_sequence, info.pending);
+            if seq >= end {
+                break;
+            }
+            out.push((seq, msg.payload.clone()));
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .unwrap_or_else(|_| Err(AuditError::Unavailable("stream read timed out".into())))
+}
+
+/// Resolves once `rx` holds true (or its sender is gone).
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Writes receipts: one per applied batch, without ever making the bus wait (it reads a
+/// broadcast channel; if it falls behind, it counts what it missed).
+struct Recorder {
+    subjects: AuditSubjects,
+    node_id: String,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    durable: bool,
+    counters: Arc<AuditCounters>,
+}
+
+type AckFuture = futures::future::BoxFuture<'static, bool>;
+
+impl Recorder {
+    async fn run(
+        self,
+        mut applied: broadcast::Receiver<Applied>,
+        mut local: mpsc::Receiver<Receipt>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut acks: FuturesUnordered<AckFuture> = FuturesUnordered::new();
+        loop {
+            if acks.len() >= MAX_PENDING_ACKS {
+                if let Some(ok) = acks.next().await {
+                    self.count(ok);
+                }
+                continue;
+            }
+            tokio::select! {
+                a = applied.recv() => match a {
+                    Ok(a) => {
+                        let r = receipt_of(&self.node_id, &a);
+                        if let Some(f) = self.publish(r).await { acks.push(f) }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        self.counters.receipts_lagged.fetch_add(n, Ordering::Relaxed);
+                        tracing::warn!(node = %self.node_id, missed = n, "audit recorder fell behind; receipts not written");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                Some(r) = local.recv() => {
+                    if let Some(f) = self.publish(r).await { acks.push(f) }
+                }
+                Some(ok) = acks.next(), if !acks.is_empty() => self.count(ok),
+                _ = stopped(&mut shutdown) => break,
+            }
+        }
+        // Write what is queued, then wait a bounded time for the acknowledgements.
+        while let Ok(a) = applied.try_recv() {
+            let r = receipt_of(&self.node_id, &a);
+            if let Some(f) = self.publish(r).await {
+                acks.push(f)
+            }
+        }
+        local.close();
+        while let Some(r) = local.recv().await {
+            if let Some(f) = self.publish(r).await {
+                acks.push(f)
+            }
+        }
+        let drain = async {
+            while let Some(ok) = acks.next().await {
+                self.count(ok);
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    }
+
+    fn count(&self, ok: bool) {
+        if ok {
+            self.counters.receipts_published.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.receipts_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends one receipt; returns the future of its acknowledgement.
+    async fn publish(&self, r: Receipt) -> Option<AckFuture> {
+        let subject = self.subjects.receipt(&r.origin, r.epoch, r.seq, &r.node);
+        let payload = Bytes::from(r.encode_to_vec());
+        if !self.durable {
+            let ok = self.client.publish(subject, payload).await.is_ok();
+            self.count(ok);
+            return None;
+        }
+        // The id makes a receipt sent twice (a retry, a replay) count once.
+        let id = format!(
+            "{}.{}.{}.{}.{}",
+            r.node,
+            r.origin,
+            r.epoch,
+            r.seq,
+            r.purge_ids.first().map(String::as_str).unwrap_or("")
+        );
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .message_id(id);
+        match self.js.send_publish(subject, msg).await {
+            Ok(ack) => Some(Box::pin(async move { ack.await.is_ok() })),
+            Err(e) => {
+                tracing::warn!(node = %self.node_id, error = %e, "receipt not written");
+                self.count(false);
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(invs: Vec<Invalidation>) -> Batch {
+        Batch {
+            origin: "a".into(),
+            epoch: 1,
+            seq: 1,
+            timestamp_us: 1_000,
+            namespace: "ns".into(),
+            invalidations: invs,
+        }
+    }
+
+    #[test]
+    fn filters_keep_only_matching_invalidations() {
+        let mut tag = Invalidation::new(Some("articles"), Target::Tag("author:42".into()));
+        tag.purge_id = "pg-1".into();
+        tag.actor = "ops".into();
+        let key = Invalidation::new(Some("articles"), Target::Key("post:1".into()));
+        let prefix = Invalidation::new(None, Target::Prefix("post:".into()));
+        let b = batch(vec![tag, key, prefix]);
+        let f = Filter {
+            tag: Some("author:42".into()),
+            ..Default::default()
+        };
+        let r = f.record(&b, 7).unwrap();
+        assert_eq!(r.invalidations.len(), 1);
+        assert_eq!(r.invalidations[0].purge_id, "pg-1");
+        assert_eq!(r.batch_size, 3);
+        // A key filter finds everything that covered the key.
+        let f = Filter {
+            key: Some("post:1".into()),
+            ..Default::default()
+        };
+        assert_eq!(f.record(&b, 7).unwrap().invalidations.len(), 2);
+        let f = Filter {
+            actor: Some("nobody".into()),
+            ..Default::default()
+        };
+        assert!(f.record(&b, 7).is_none());
+        let f = Filter {
+            since_us: 2_000,
+            ..Default::default()
+        };
+        assert!(f.record(&b, 7).is_none());
+    }
+
+    #[test]
+    fn malformed_filters_are_refused() {
+        let l = Limits::default();
+        let bad = AuditFilter {
+            since_us: 10,
+            until_us: 5,
+            ..Default::default()
+        };
+        assert!(Filter::from_pb(Some(&bad), &l).unwrap_err().contains("swap"));
+        let bad = AuditFilter {
+            origin: "a.b".into(),
+            ..Default::default()
+        };
+        assert!(Filter::from_pb(Some(&bad), &l).unwrap_err().contains("node id"));
+        let bad = AuditFilter {
+            key: "k".repeat(2000),
+            ..Default::default()
+        };
+        assert!(Filter::from_pb(Some(&bad), &l).unwrap_err().contains("filter.key"));
+    }
+
+    #[test]
+    fn receipt_subjects_stay_out_of_the_bus_subscription() {
+        let s = AuditSubjects::new("ns");
+        let subject = s.receipt("a", 1, 2, "b");
+        // The bus listens on invalbus.ns.*.*: exactly two tokens after the namespace.
+        assert!(subject.split('.').count() > 4);
+        assert!(subject.starts_with("invalbus.ns.audit.receipt."));
+    }
+}
