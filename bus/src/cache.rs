@@ -396,14 +396,13 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             return false;
         }
         let min = lease.min_version.load(Ordering::SeqCst);
-        match version {
-            Some(v) => {
-                if v < min || self.floors.get(key).is_some_and(|floor| v < floor) {
-                    return false;
-                }
-            }
-            None if min > 0 => return false,
-            None => {}
+        let below_floor = match version {
+            Some(v) => v < min || self.floors.get(key).is_some_and(|floor| v < floor),
+            // An unversioned value cannot show it is at least the version a write announced.
+            None => min > 0,
+        };
+        if below_floor {
+            return false;
         }
         if s < self.last_tag_gen.load(Ordering::SeqCst) && self.tag_purged_since(tags, s) {
             return false;
