@@ -118,12 +118,49 @@ pub struct ApplyOutcome {
 
 pub(crate) struct Slot<V> {
     pub value: V,
-    tags: Box<[Box<str>]>,
+    tags: Tags,
     version: Option<u64>,
     stamp: u64,
-    ttl: Option<Duration>,
+    /// Set only for entries with a time to live shorter than the cache's. Checked on read rather
+    /// than with moka's per-entry expiry, which costs a timer-wheel node for every entry.
+    expires: Option<Instant>,
     sealed: AtomicBool,
 }
+
+/// An entry's tags, inline for the usual zero to two, each shared with every other entry of the
+/// same tag (interned per cache).
+enum Tags {
+    Zero,
+    One(Arc<str>),
+    Two([Arc<str>; 2]),
+    Many(Box<[Arc<str>]>),
+}
+
+impl Tags {
+    fn as_slice(&self) -> &[Arc<str>] {
+        match self {
+            Tags::Zero => &[],
+            Tags::One(t) => std::slice::from_ref(t),
+            Tags::Two(t) => &t[..],
+            Tags::Many(t) => t,
+        }
+    }
+
+    fn from_vec(mut tags: Vec<Arc<str>>) -> Tags {
+        match tags.len() {
+            0 => Tags::Zero,
+            1 => Tags::One(tags.remove(0)),
+            2 => {
+                let b = tags.remove(1);
+                Tags::Two([tags.remove(0), b])
+            }
+            _ => Tags::Many(tags.into_boxed_slice()),
+        }
+    }
+}
+
+/// Most distinct tags interned per cache; beyond it, tags are stored unshared.
+const MAX_INTERNED_TAGS: usize = 1 << 20;
 
 /// A load in progress: the generation it started at, and what invalidations did to it since.
 pub(crate) struct Lease {
@@ -160,14 +197,6 @@ struct PrefixRecord {
 #[error("loader failed: {0}")]
 pub struct LoadError(pub Arc<dyn std::error::Error + Send + Sync>);
 
-struct Expiry;
-
-impl<V> moka::Expiry<String, Arc<Slot<V>>> for Expiry {
-    fn expire_after_create(&self, _key: &String, value: &Arc<Slot<V>>, _at: std::time::Instant) -> Option<Duration> {
-        value.ttl
-    }
-}
-
 /// The local half of a named cache; the bus wraps it in [`crate::Cache`].
 pub(crate) struct LocalCache<V> {
     name: String,
@@ -180,6 +209,8 @@ pub(crate) struct LocalCache<V> {
     last_tag_gen: AtomicU64,
     last_prefix_gen: AtomicU64,
     tags: RwLock<HashMap<Box<str>, Record>>,
+    interned: Mutex<std::collections::HashSet<Arc<str>>>,
+    open_leases: std::sync::atomic::AtomicUsize,
     prefixes: RwLock<Vec<PrefixRecord>>,
     floors: moka::sync::Cache<String, u64>,
     leases: Mutex<HashMap<String, KeyLeases<V>>>,
@@ -195,8 +226,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         let mut builder = moka::future::Cache::builder()
             .name(name)
             .max_capacity(config.max_capacity)
-            .time_to_live(config.time_to_live)
-            .expire_after(Expiry);
+            .time_to_live(config.time_to_live);
         if let Some(tti) = config.time_to_idle {
             builder = builder.time_to_idle(tti);
         }
@@ -215,6 +245,8 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             last_tag_gen: AtomicU64::new(0),
             last_prefix_gen: AtomicU64::new(0),
             tags: RwLock::new(HashMap::new()),
+            interned: Mutex::new(std::collections::HashSet::new()),
+            open_leases: std::sync::atomic::AtomicUsize::new(0),
             prefixes: RwLock::new(Vec::new()),
             floors,
             leases: Mutex::new(HashMap::new()),
@@ -252,9 +284,12 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         if s < self.all_gen.load(Ordering::Acquire) {
             return false;
         }
+        if slot.expires.is_some_and(|at| Instant::now() >= at) {
+            return false;
+        }
         if s < self.last_tag_gen.load(Ordering::Acquire)
-            && !slot.tags.is_empty()
-            && self.tag_purged_since(&slot.tags, s)
+            && !slot.tags.as_slice().is_empty()
+            && self.tag_purged_since(slot.tags.as_slice(), s)
         {
             return false;
         }
@@ -280,9 +315,10 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
     /// Opens a lease on `key` without joining or starting a shared load.
     pub fn lease(&self, key: &str) -> Arc<Lease> {
         let mut map = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        // Counted before the stamp is read: an invalidation that takes its generation after the
+        // read sees the count, takes the lock, and finds the lease in the map to mark it.
+        self.open_leases.fetch_add(1, Ordering::SeqCst);
         let lease = Arc::new(Lease {
-            // Read under the lock: an invalidation that takes its generation after this read
-            // finds the lease in the map and marks it.
             stamp: self.gen.load(Ordering::SeqCst),
             invalidated: AtomicBool::new(false),
             min_version: AtomicU64::new(0),
@@ -301,7 +337,11 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
     pub fn release(&self, key: &str, lease: &Arc<Lease>) {
         let mut map = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = map.get_mut(key) {
+            let before = k.leases.len();
             k.leases.retain(|l| !Arc::ptr_eq(l, lease));
+            if k.leases.len() < before {
+                self.open_leases.fetch_sub(1, Ordering::SeqCst);
+            }
             if k.flight.as_ref().is_some_and(|f| Arc::ptr_eq(&f.lease, lease)) {
                 k.flight = None;
             }
@@ -333,6 +373,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                 match &entry.flight {
                     Some(f) => Err(f.result.clone()),
                     None => {
+                        self.open_leases.fetch_add(1, Ordering::SeqCst);
                         let lease = Arc::new(Lease {
                             stamp: self.gen.load(Ordering::SeqCst),
                             invalidated: AtomicBool::new(false),
@@ -422,20 +463,23 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             tracing::debug!(cache = %self.name, key, "fill refused: invalidated during load");
             return FillOutcome::Refused;
         }
-        let ttl = loaded.ttl.map(|t| t.min(self.config.time_to_live));
+        let expires = loaded
+            .ttl
+            .filter(|t| *t < self.config.time_to_live)
+            .map(|t| Instant::now() + t);
         let slot = Arc::new(Slot {
             value: loaded.value,
-            tags: tags.into_iter().map(String::into_boxed_str).collect(),
+            tags: self.intern(tags),
             version: loaded.version,
             stamp: lease.stamp,
-            ttl,
+            expires,
             sealed: AtomicBool::new(false),
         });
         self.moka.insert(key.to_owned(), slot.clone()).await;
         // Checked again after the insert: an invalidation that ran between the first check and
         // the insert has marked the lease or written a record by now, and one that runs after
         // this check finds the entry in moka and removes it.
-        if self.admissible(key, lease, &slot.tags, slot.version) {
+        if self.admissible(key, lease, slot.tags.as_slice(), slot.version) {
             slot.sealed.store(true, Ordering::Release);
             self.metrics.fills.inc();
             FillOutcome::Filled
@@ -447,6 +491,27 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             tracing::debug!(cache = %self.name, key, "fill refused after insert: invalidated during load");
             FillOutcome::Refused
         }
+    }
+
+    fn intern(&self, tags: Vec<String>) -> Tags {
+        if tags.is_empty() {
+            return Tags::Zero;
+        }
+        let mut pool = self.interned.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = tags
+            .into_iter()
+            .map(|t| match pool.get(t.as_str()) {
+                Some(a) => a.clone(),
+                None => {
+                    let a: Arc<str> = Arc::from(t);
+                    if pool.len() < MAX_INTERNED_TAGS {
+                        pool.insert(a.clone());
+                    }
+                    a
+                }
+            })
+            .collect();
+        Tags::from_vec(shared)
     }
 
     fn next_gen(&self) -> u64 {
@@ -521,7 +586,8 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
 
     async fn apply_key(&self, key: &str, version: Option<u64>) -> ApplyOutcome {
         let g = self.next_gen();
-        {
+        // Most invalidations hit keys nobody is loading: skip the lock then.
+        if self.open_leases.load(Ordering::SeqCst) > 0 {
             let mut map = self.leases.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(entry) = map.get_mut(key) {
                 for lease in &entry.leases {
