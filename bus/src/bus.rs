@@ -1116,15 +1116,29 @@ async fn receiver(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut disconnected_since: Option<u64> = None;
+    // Events taken out of the channel while folding slow-consumer events, still to handle.
+    let mut deferred: std::collections::VecDeque<LinkEvent> = std::collections::VecDeque::new();
     loop {
-        let item = tokio::select! {
-            m = stream.next() => match m { Some(m) => m, None => return },
-            Some(ev) = events.recv() => Err(ev),
-            _ = shutdown.wait_for(|s| *s) => return,
+        let item = match deferred.pop_front() {
+            Some(ev) => Err(ev),
+            None => tokio::select! {
+                m = stream.next() => match m { Some(m) => m, None => return },
+                Some(ev) = events.recv() => Err(ev),
+                _ = shutdown.wait_for(|s| *s) => return,
+            },
         };
         match item {
             Ok(msg) => on_message(&inner, &msg.subject, &msg.payload).await,
             Err(LinkEvent::SlowConsumer) => {
+                // async-nats raises one event per dropped message, so a burst of drops queues
+                // hundreds. One repair covers every drop before it starts: fold the queued
+                // slow-consumer events into this one (keeping the other events, in order), or
+                // the node would repair once per dropped message and not serve for that long.
+                while let Ok(ev) = events.try_recv() {
+                    if ev != LinkEvent::SlowConsumer {
+                        deferred.push_back(ev);
+                    }
+                }
                 inner.metrics.gaps.inc();
                 tracing::warn!(node = %inner.node_id, "slow consumer: messages were dropped");
                 let since = inner

@@ -28,6 +28,8 @@ pub(crate) struct Health {
     pub suspect_total_us: AtomicU64,
     /// Bypass is switched off (for tests that show what it prevents).
     pub gate_disabled: AtomicBool,
+    /// The vouching window in microseconds, as last given to [`Health::update`] (0: not yet).
+    pub window_us: AtomicU64,
 }
 
 impl Health {
@@ -39,16 +41,36 @@ impl Health {
             suspect_since_us: AtomicU64::new(0),
             suspect_total_us: AtomicU64::new(0),
             gate_disabled: AtomicBool::new(false),
+            window_us: AtomicU64::new(0),
         }
     }
 
+    /// Whether caches may serve now.
+    ///
+    /// The flag alone is not enough: the watchdog that lowers it is a task like any other, and
+    /// a node whose threads were paused (a stopped process, a long GC pause, a starved runtime)
+    /// resumes with the flag still up and its readers running before the watchdog does. So
+    /// each read also checks the clock against the last vouching: a few tens of nanoseconds
+    /// that keep the bound without relying on the watchdog's timeliness.
     #[inline]
     pub fn serving(&self) -> bool {
-        self.serving.load(Ordering::Acquire)
+        if !self.serving.load(Ordering::Acquire) {
+            return false;
+        }
+        let window = self.window_us.load(Ordering::Relaxed);
+        if window == 0 || self.gate_disabled.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        now.saturating_sub(self.last_vouched_us.load(Ordering::Acquire)) <= window
     }
 
     /// Recomputes `serving`; returns `Some(new)` when it changed.
     pub fn update(&self, now_us: u64, window: Duration) -> Option<bool> {
+        self.window_us.store(window.as_micros() as u64, Ordering::Relaxed);
         let vouched = now_us.saturating_sub(self.last_vouched_us.load(Ordering::Acquire)) <= window.as_micros() as u64;
         let ok = self.gate_disabled.load(Ordering::Relaxed) || (vouched && !self.repairing.load(Ordering::Acquire));
         let was = self.serving.swap(ok, Ordering::AcqRel);
@@ -186,7 +208,8 @@ pub(crate) async fn ensure_stream(
         max_age: config.max_age,
         max_bytes: config.max_bytes,
         num_replicas: config.replicas,
-        duplicate_window: Duration::from_secs(120),
+        // The server refuses a duplicate window longer than the stream's max age.
+        duplicate_window: Duration::from_secs(120).min(config.max_age),
         storage: jetstream::stream::StorageType::File,
         discard: jetstream::stream::DiscardPolicy::Old,
         ..Default::default()
@@ -294,5 +317,21 @@ mod tests {
         assert_eq!(h.update(1_700_000, w), Some(true));
         h.repairing.store(true, Ordering::SeqCst);
         assert_eq!(h.update(1_700_001, w), Some(false));
+    }
+
+    #[test]
+    fn health_checks_the_clock_on_read_even_if_the_watchdog_is_late() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
+        let h = Health::new(now);
+        h.update(now, Duration::from_millis(500));
+        assert!(h.serving());
+        // The node was paused: its last vouching is 2 s old and the watchdog has not run since.
+        h.last_vouched_us.store(now - 2_000_000, Ordering::SeqCst);
+        assert!(!h.serving());
+        h.gate_disabled.store(true, Ordering::SeqCst);
+        assert!(h.serving());
     }
 }
