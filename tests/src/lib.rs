@@ -15,6 +15,8 @@
 //! The fixtures panic with a descriptive message when the environment is broken (no
 //! `nats-server`, a server that does not come up): that is a failed test, not a result.
 
+pub mod checker;
+
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::{Path, PathBuf};
