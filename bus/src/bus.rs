@@ -412,8 +412,10 @@ impl BusBuilder {
                             }
                         }
                     });
+                // Several servers may be given, comma-separated; the client picks one and fails over.
+                let servers: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
                 let client = options
-                    .connect(url.as_str())
+                    .connect(servers)
                     .await
                     .map_err(|e| BuildError::Connect(format!("{url}: {e}")))?;
                 Link::Nats(client)
@@ -1205,7 +1207,7 @@ async fn on_message(inner: &BusInner, subject: &str, payload: &[u8]) {
         "hb" => match codec::decode_heartbeat(payload, &inner.namespace, &inner.limits) {
             Ok(hb) if hb.origin == inner.node_id => {
                 if hb.epoch == inner.epoch {
-                    on_own_heartbeat(inner).await;
+                    on_own_heartbeat(inner, hb.timestamp_us).await;
                 }
             }
             Ok(hb) if hb.origin != origin => {
@@ -1222,24 +1224,28 @@ async fn on_message(inner: &BusInner, subject: &str, payload: &[u8]) {
     }
 }
 
-/// Our own heartbeat came back: NATS delivered everything sent to us before it. After a lapse
-/// (the link was cut, even silently), repair what may have been missed before serving again.
-async fn on_own_heartbeat(inner: &BusInner) {
+/// Our own heartbeat came back: NATS delivered everything sent to us before it, up to the
+/// moment it was *sent* (its timestamp, by our own clock), which is what vouches for the caches;
+/// a link that delivers late therefore vouches late. After a lapse in arrivals (the link was cut,
+/// even silently), repair what may have been missed before serving again.
+async fn on_own_heartbeat(inner: &BusInner, sent_us: u64) {
     let now = now_us();
     let window = micros(inner.heartbeat_interval + inner.max_staleness);
-    let prev = inner.health.last_vouched_us.load(Ordering::Acquire);
-    if now.saturating_sub(prev) > window && inner.self_heartbeat.borrow().to_owned() > 0 {
+    let prev_arrival = inner.health.last_arrival_us.swap(now, Ordering::AcqRel);
+    let vouched = sent_us.min(now);
+    if now.saturating_sub(prev_arrival) > window && inner.self_heartbeat.borrow().to_owned() > 0 {
+        let since = inner.health.last_vouched_us.load(Ordering::Acquire);
         inner.health.repairing.store(true, Ordering::SeqCst);
-        inner.health.last_vouched_us.store(now, Ordering::Release);
-        tracing::warn!(node = %inner.node_id, lapse_ms = (now - prev) / 1000, "own heartbeat back after a lapse; repairing");
+        inner.health.last_vouched_us.fetch_max(vouched, Ordering::AcqRel);
+        tracing::warn!(node = %inner.node_id, lapse_ms = (now - prev_arrival) / 1000, "own heartbeat back after a lapse; repairing");
         repair_all(
             inner,
-            prev.saturating_sub(micros(inner.heartbeat_interval)),
+            since.saturating_sub(micros(inner.heartbeat_interval)),
             "heartbeat lapse",
         )
         .await;
     } else {
-        inner.health.last_vouched_us.store(now, Ordering::Release);
+        inner.health.last_vouched_us.fetch_max(vouched, Ordering::AcqRel);
     }
     inner.self_heartbeat.send_modify(|n| *n += 1);
 }

@@ -22,6 +22,8 @@ pub(crate) struct Health {
     pub repairing: AtomicBool,
     /// When our own heartbeat last came back (µs since the Unix epoch).
     pub last_vouched_us: AtomicU64,
+    /// When our own heartbeat last arrived (µs since the Unix epoch), to see lapses.
+    pub last_arrival_us: AtomicU64,
     /// Since when the node has not been serving (0 while serving).
     pub suspect_since_us: AtomicU64,
     /// Total microseconds spent not serving.
@@ -38,6 +40,7 @@ impl Health {
             serving: AtomicBool::new(true),
             repairing: AtomicBool::new(false),
             last_vouched_us: AtomicU64::new(now_us),
+            last_arrival_us: AtomicU64::new(now_us),
             suspect_since_us: AtomicU64::new(0),
             suspect_total_us: AtomicU64::new(0),
             gate_disabled: AtomicBool::new(false),
@@ -186,6 +189,8 @@ pub(crate) enum ReplayError {
     NoStream,
     #[error("stream unreachable: {0}")]
     Unreachable(String),
+    #[error("the stream no longer holds batches from the start of the replay (its first is #{first_sequence})")]
+    Clipped { first_sequence: u64 },
     #[error("replay timed out after {0:?}")]
     TimedOut(Duration),
 }
@@ -242,6 +247,26 @@ pub(crate) async fn replay(
     let start_time = async_nats::datetime::from_nanos(i128::from(since_us) * 1000)
         .map_err(|e| ReplayError::Unreachable(format!("bad start time: {e}")))?;
     let work = async {
+        // JetStream starts a consumer at the first message it still holds, silently, when the
+        // requested start is older: check the stream's retention against our start first.
+        let info = stream
+            .clone()
+            .info()
+            .await
+            .map_err(|e| ReplayError::Unreachable(e.to_string()))?
+            .clone();
+        let st = &info.state;
+        let since_ns = i128::from(since_us) * 1000;
+        let removed_after_since = if st.messages == 0 {
+            st.last_timestamp.unix_timestamp_nanos() > since_ns
+        } else {
+            st.first_timestamp.unix_timestamp_nanos() > since_ns
+        };
+        if st.first_sequence > 1 && removed_after_since {
+            return Err(ReplayError::Clipped {
+                first_sequence: st.first_sequence,
+            });
+        }
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 filter_subject: filter,
