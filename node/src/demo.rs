@@ -79,13 +79,22 @@ pub struct DemoArgs {
     /// The nats-server binary to start (default: `nats-server` on PATH, else /usr/sbin/nats-server).
     #[arg(long, env = "NATS_SERVER_BIN", value_name = "PATH")]
     pub nats_server_bin: Option<PathBuf>,
+    /// Inject a fault: a third of the way through, kill the started nats-server with SIGKILL and
+    /// restart it two seconds later on the same port and store. Implies `--jetstream`; the nodes
+    /// stop serving from cache while cut off, replay what they missed, and the run must still
+    /// end with `stale_reads=0`.
+    #[arg(long, conflicts_with_all = ["in_process", "nats"])]
+    pub chaos: bool,
     /// Tests the checker: writers invalidate a wrong key instead of the article's, so the demo
     /// must report stale reads (and fail).
     #[arg(long, hide = true)]
     pub miss_article_invalidations: bool,
 }
 
-pub async fn run(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
+pub async fn run(mut args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
+    if args.chaos {
+        args.jetstream = true;
+    }
     if args.nodes == 0 || args.nodes > 64 {
         return Err(format!("--nodes {}: use 1 to 64", args.nodes).into());
     }
@@ -122,12 +131,20 @@ pub async fn run(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     };
+    if args.chaos && server.is_none() {
+        return Err("--chaos needs a nats-server that the demo starts itself (none was found)".into());
+    }
+    let server = Arc::new(tokio::sync::Mutex::new(server));
+    let chaos = args.chaos.then(|| tokio::spawn(chaos(server.clone(), Duration::from_secs(args.seconds) / 3)));
     // The server is killed on every way out: normal end, error, or a signal.
     let outcome = tokio::select! {
         r = demo(&args, &transport) => r,
         _ = interrupted() => Err("interrupted".into()),
     };
-    if let Some(s) = server {
+    if let Some(c) = chaos {
+        c.abort();
+    }
+    if let Some(s) = server.lock().await.take() {
         s.stop().await;
     }
     let summary = outcome?;
@@ -927,6 +944,8 @@ fn find_nats_server(explicit: Option<&Path>) -> Result<Option<PathBuf>, String> 
 struct NatsServer {
     child: tokio::process::Child,
     url: String,
+    bin: PathBuf,
+    port: u16,
     /// JetStream's store, removed when stopped.
     store: Option<PathBuf>,
 }
@@ -940,33 +959,17 @@ impl NatsServer {
                 .and_then(|l| l.local_addr())
                 .map_err(|e| format!("no free port: {e}"))?
                 .port();
-            let mut command = tokio::process::Command::new(bin);
-            command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
             let store = jetstream
                 .then(|| std::env::temp_dir().join(format!("invalbus-demo-{port}-{:08x}", rand::random::<u32>())));
-            if let Some(dir) = &store {
-                command.arg("-js").arg("-sd").arg(dir);
-            }
-            let mut child = command
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-            let ready_by = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < ready_by {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // it exited: probably the port was taken
-                }
-                if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                    return Ok(NatsServer {
-                        child,
-                        url: format!("nats://127.0.0.1:{port}"),
-                        store,
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut child = Self::spawn(bin, port, store.as_deref())?;
+            if Self::wait_ready(&mut child, port).await {
+                return Ok(NatsServer {
+                    child,
+                    url: format!("nats://127.0.0.1:{port}"),
+                    bin: bin.to_owned(),
+                    port,
+                    store,
+                });
             }
             let _ = child.kill().await;
             if let Some(dir) = store {
@@ -976,10 +979,67 @@ impl NatsServer {
         Err(format!("{} did not start listening on a loopback port", bin.display()))
     }
 
+    fn spawn(bin: &Path, port: u16, store: Option<&Path>) -> Result<tokio::process::Child, String> {
+        let mut command = tokio::process::Command::new(bin);
+        command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(dir) = store {
+            command.arg("-js").arg("-sd").arg(dir);
+        }
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))
+    }
+
+    /// Waits until the server accepts connections; false if it exited or took over 5 s.
+    async fn wait_ready(child: &mut tokio::process::Child, port: u16) -> bool {
+        let ready_by = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < ready_by {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false; // it exited: probably the port was taken
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Starts the server again on the same port and store (after a kill).
+    async fn restart(&mut self) -> Result<(), String> {
+        let _ = self.child.kill().await;
+        self.child = Self::spawn(&self.bin, self.port, self.store.as_deref())?;
+        if Self::wait_ready(&mut self.child, self.port).await {
+            Ok(())
+        } else {
+            Err(format!("{} did not listen again on port {}", self.bin.display(), self.port))
+        }
+    }
+
     async fn stop(mut self) {
         let _ = self.child.kill().await;
         if let Some(dir) = self.store.take() {
             let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The fault of `--chaos`: SIGKILL the server after `after`, restart it two seconds later.
+async fn chaos(server: Arc<tokio::sync::Mutex<Option<NatsServer>>>, after: Duration) {
+    tokio::time::sleep(after).await;
+    if let Some(s) = server.lock().await.as_mut() {
+        let _ = s.child.kill().await;
+        println!("chaos: nats-server killed with SIGKILL; restarting it in 2 s");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if let Some(s) = server.lock().await.as_mut() {
+        match s.restart().await {
+            Ok(()) => println!("chaos: nats-server restarted on the same port and store"),
+            Err(e) => println!("chaos: restart failed: {e}"),
         }
     }
 }
