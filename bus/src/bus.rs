@@ -85,9 +85,16 @@ pub struct Published {
 #[derive(Debug)]
 pub struct Ticket {
     rx: oneshot::Receiver<Result<Published, PublishError>>,
+    local: ApplyOutcome,
 }
 
 impl Ticket {
+    /// What the invalidation did to this node's caches before the call returned (entries
+    /// dropped at once, and whether a cache was flushed): this node's own receipt.
+    pub fn local(&self) -> ApplyOutcome {
+        self.local
+    }
+
     /// Waits until the batch carrying this invalidation was handed to the transport.
     ///
     /// With core NATS this does not prove that the server received it (a later issue adds
@@ -659,19 +666,22 @@ impl Bus {
             tracing::debug!(cache = %name, "invalidation of a cache this node does not hold");
         }
         // Applied here before the call returns: a read on this node after it sees the effect.
+        let mut local = ApplyOutcome::default();
         for c in &caches {
-            c.apply(&invalidation.target, invalidation.version).await;
+            let out = c.apply(&invalidation.target, invalidation.version).await;
+            local.dropped += out.dropped;
+            local.flushed |= out.flushed;
         }
-        self.enqueue(invalidation)
+        self.enqueue(invalidation, local)
     }
 
-    fn enqueue(&self, invalidation: Invalidation) -> Result<Ticket, InvalidateError> {
+    fn enqueue(&self, invalidation: Invalidation, local: ApplyOutcome) -> Result<Ticket, InvalidateError> {
         let (tx, rx) = oneshot::channel();
         match self.inner.outbox.try_send(Outgoing {
             invalidation,
             done: Some(tx),
         }) {
-            Ok(()) => Ok(Ticket { rx }),
+            Ok(()) => Ok(Ticket { rx, local }),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.inner.metrics.publish_queue_full.inc();
                 tracing::warn!(node = %self.inner.node_id, "outbound queue full: invalidation applied locally, not published");

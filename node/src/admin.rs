@@ -160,10 +160,16 @@ impl Admin for AdminService {
         }
         let n = tickets.len() as u32;
         let mut seqs = BTreeSet::new();
+        // What the purge did here, per batch: this node's own receipt.
+        let mut local: HashMap<u64, invalbus::ApplyOutcome> = HashMap::new();
         for t in tickets {
+            let here = t.local();
             match tokio::time::timeout(Duration::from_secs(60), t.published()).await {
                 Ok(Ok(p)) => {
                     seqs.insert(p.seq);
+                    let e = local.entry(p.seq).or_default();
+                    e.dropped += here.dropped;
+                    e.flushed |= here.flushed;
                 }
                 Ok(Err(e)) => {
                     return Err(Status::unavailable(format!(
@@ -181,7 +187,8 @@ impl Admin for AdminService {
         tracing::info!(node = %node, purge_id = %purge_id, principal = %who.name, targets = n, batches = seqs.len(), reason = %r.reason, "purge published");
         let mut receipts = Vec::new();
         for &seq in &seqs {
-            let rc = st.audit.local_receipt(epoch, seq, applied_us, n, &purge_id);
+            let here = local.get(&seq).copied().unwrap_or_default();
+            let rc = st.audit.local_receipt(epoch, seq, applied_us, n, &purge_id, here);
             st.audit.record_local(rc.clone());
             receipts.push(rc);
         }

@@ -375,7 +375,15 @@ impl Audit {
     }
 
     /// A local receipt of this node's batch `seq`.
-    pub fn local_receipt(&self, epoch: u64, seq: u64, applied_us: u64, invalidations: u32, purge_id: &str) -> Receipt {
+    pub fn local_receipt(
+        &self,
+        epoch: u64,
+        seq: u64,
+        applied_us: u64,
+        invalidations: u32,
+        purge_id: &str,
+        here: invalbus::ApplyOutcome,
+    ) -> Receipt {
         Receipt {
             node: self.node_id.clone(),
             origin: self.node_id.clone(),
@@ -383,8 +391,8 @@ impl Audit {
             seq,
             published_us: invalbus::now_us(),
             applied_us,
-            dropped: 0,
-            flushed: false,
+            dropped: here.dropped,
+            flushed: here.flushed,
             invalidations,
             purge_ids: if purge_id.is_empty() {
                 vec![]

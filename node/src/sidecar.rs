@@ -124,11 +124,12 @@ impl SidecarService {
             InvalidateError::Invalid(m) => self.state.auth.refusals.invalid(method, who, m),
             e => Status::unavailable(e.to_string()),
         })?;
+        let here = ticket.local();
         match tokio::time::timeout(Duration::from_secs(30), ticket.published()).await {
             Ok(Ok(p)) => {
                 let st = &self.state;
                 st.audit
-                    .record_local(st.audit.local_receipt(st.bus.epoch(), p.seq, applied_us, 1, ""));
+                    .record_local(st.audit.local_receipt(st.bus.epoch(), p.seq, applied_us, 1, "", here));
                 Ok(Response::new(InvalidateResponse { seq: p.seq }))
             }
             Ok(Err(e)) => Err(Status::unavailable(format!(
