@@ -58,6 +58,23 @@ pub struct PurgeArgs {
     pub wait_timeout_ms: u32,
 }
 
+/// `invalbus-node health`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HealthArgs {
+    /// gRPC address of a node.
+    #[arg(long, env = "INVALBUS_ADDR", default_value = "http://127.0.0.1:7700")]
+    pub addr: String,
+    /// Service to ask about (default: the whole node).
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// CA certificate to verify a node that serves TLS (use an https:// address).
+    #[arg(long, env = "INVALBUS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Give up after this many milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    pub timeout_ms: u64,
+}
+
 /// `invalbus-node audit`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AuditArgs {
@@ -132,6 +149,44 @@ pub async fn connect(args: &ClientArgs) -> Result<Client, Error> {
 
 fn status(e: tonic::Status) -> Error {
     format!("{:?}: {}", e.code(), e.message()).into()
+}
+
+/// Runs `health`: asks the node's `grpc.health.v1` service, prints its status, and fails
+/// unless it is `SERVING`. Container health checks use it, so the image needs no other tool.
+pub async fn health(a: HealthArgs) -> Result<(), Error> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let check = async {
+        let mut endpoint = Channel::from_shared(a.addr.clone()).map_err(|e| format!("--addr {}: {e}", a.addr))?;
+        if let Some(ca) = &a.tls_ca {
+            let pem = std::fs::read(ca).map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
+            endpoint = endpoint.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?;
+        }
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {}: {e}", a.addr))?;
+        let r = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: a.service.clone(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        Ok::<_, Error>(r.status())
+    };
+    let timeout = std::time::Duration::from_millis(a.timeout_ms);
+    let s = tokio::time::timeout(timeout, check)
+        .await
+        .map_err(|_| format!("{}: no answer within {timeout:?}", a.addr))??;
+    println!("{}", s.as_str_name());
+    if s == ServingStatus::Serving {
+        Ok(())
+    } else {
+        Err(format!("{} is {}", a.addr, s.as_str_name()).into())
+    }
 }
 
 /// Runs `purge`.

@@ -31,6 +31,8 @@ enum Command {
     Stats(cli::ClientArgs),
     /// Query the audit log, or follow it.
     Audit(cli::AuditArgs),
+    /// Ask a node's gRPC health service; exits non-zero unless it is serving.
+    Health(cli::HealthArgs),
 }
 
 fn init_tracing(format: &str, default: &str) {
@@ -96,6 +98,7 @@ async fn main() -> std::process::ExitCode {
         Command::Nodes(args) => cli::nodes(args).await,
         Command::Stats(args) => cli::stats(args).await,
         Command::Audit(args) => cli::audit(args).await,
+        Command::Health(args) => cli::health(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
