@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::cache::{ApplyOutcome, FillOutcome, Lease, LoadError, Loaded, LocalCache};
+use crate::cache::{ApplyOutcome, FillOutcome, Lease, LoadError, Loaded, LocalCache, Step};
 use crate::codec::{self, Batch, DecodeError, Heartbeat, Invalidation, Target};
 use crate::config::{CacheConfig, JetStreamConfig, Limits};
 use crate::metrics::{BusMetrics, BusStats, CacheStats};
@@ -146,9 +146,22 @@ pub struct Peer {
     pub last_seen_us: u64,
 }
 
+/// Applies one invalidation to one cache; waits (and boxes a future) only when an entry must be
+/// removed.
+async fn apply_to(cache: &dyn Applier, target: &Target, version: Option<u64>) -> ApplyOutcome {
+    match cache.apply_now(target, version) {
+        Step::Done(outcome) => outcome,
+        Step::RemoveKey => match target {
+            Target::Key(key) => cache.finish_key(key, version).await,
+            _ => ApplyOutcome::default(),
+        },
+    }
+}
+
 /// The object-safe face of a `LocalCache<V>` that the receiver applies invalidations to.
 trait Applier: Send + Sync {
-    fn apply<'a>(&'a self, target: &'a Target, version: Option<u64>) -> BoxFuture<'a, ApplyOutcome>;
+    fn apply_now(&self, target: &Target, version: Option<u64>) -> Step;
+    fn finish_key<'a>(&'a self, key: &'a str, version: Option<u64>) -> BoxFuture<'a, ApplyOutcome>;
     fn flush(&self, cause: &str) -> ApplyOutcome;
     fn stats(&self) -> CacheStats;
     fn entry_count(&self) -> u64;
@@ -156,8 +169,11 @@ trait Applier: Send + Sync {
 }
 
 impl<V: Clone + Send + Sync + 'static> Applier for LocalCache<V> {
-    fn apply<'a>(&'a self, target: &'a Target, version: Option<u64>) -> BoxFuture<'a, ApplyOutcome> {
-        Box::pin(LocalCache::apply(self, target, version))
+    fn apply_now(&self, target: &Target, version: Option<u64>) -> Step {
+        LocalCache::apply_now(self, target, version)
+    }
+    fn finish_key<'a>(&'a self, key: &'a str, version: Option<u64>) -> BoxFuture<'a, ApplyOutcome> {
+        Box::pin(LocalCache::finish_key(self, key, version))
     }
     fn flush(&self, cause: &str) -> ApplyOutcome {
         LocalCache::flush(self, cause)
@@ -668,7 +684,7 @@ impl Bus {
         // Applied here before the call returns: a read on this node after it sees the effect.
         let mut local = ApplyOutcome::default();
         for c in &caches {
-            let out = c.apply(&invalidation.target, invalidation.version).await;
+            let out = apply_to(c.as_ref(), &invalidation.target, invalidation.version).await;
             local.dropped += out.dropped;
             local.flushed |= out.flushed;
         }
@@ -1348,13 +1364,19 @@ async fn apply_batch(inner: &BusInner, batch: Batch, replayed: bool) {
         let mut dropped = 0;
         let mut flushed = false;
         let mut purge_ids = Vec::new();
+        // Batches usually name one cache throughout: look it up once per run of the same name.
+        let mut resolved: Option<(Option<&str>, Vec<Arc<dyn Applier>>)> = None;
         for inv in &batch.invalidations {
-            let caches = inner.targets(inv.cache.as_deref());
-            if caches.is_empty() && inv.cache.is_some() {
+            let name = inv.cache.as_deref();
+            if resolved.as_ref().is_none_or(|(n, _)| *n != name) {
+                resolved = Some((name, inner.targets(name)));
+            }
+            let caches = resolved.as_ref().map(|(_, c)| c.as_slice()).unwrap_or_default();
+            if caches.is_empty() && name.is_some() {
                 inner.metrics.unknown_cache.inc();
             }
             for c in caches {
-                let out = c.apply(&inv.target, inv.version).await;
+                let out = apply_to(c.as_ref(), &inv.target, inv.version).await;
                 dropped += out.dropped;
                 flushed |= out.flushed;
             }

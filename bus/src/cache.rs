@@ -106,6 +106,14 @@ pub enum FillOutcome {
     Refused,
 }
 
+/// How far [`LocalCache::apply_now`] got.
+pub(crate) enum Step {
+    /// Applied completely.
+    Done(ApplyOutcome),
+    /// Applied but for removing the key's entry: call `finish_key`.
+    RemoveKey,
+}
+
 /// What applying one invalidation did to a cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
@@ -528,11 +536,32 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         }
     }
 
-    /// Applies one invalidation to this cache.
+    /// Applies one invalidation to this cache (the bus splits this into `apply_now` and
+    /// `finish_key` to wait only when it must).
+    #[cfg(test)]
     pub async fn apply(&self, target: &Target, version: Option<u64>) -> ApplyOutcome {
+        match self.apply_now(target, version) {
+            Step::Done(outcome) => outcome,
+            Step::RemoveKey => match target {
+                Target::Key(key) => self.finish_key(key, version).await,
+                _ => ApplyOutcome::default(),
+            },
+        }
+    }
+
+    /// Applies what can be applied without waiting: everything but removing an entry that moka
+    /// may hold, which [`LocalCache::finish_key`] does. Most invalidations in production name keys
+    /// a node does not hold, and finish here.
+    pub fn apply_now(&self, target: &Target, version: Option<u64>) -> Step {
         self.metrics.invalidations_applied.inc();
         match target {
-            Target::Key(key) => self.apply_key(key, version).await,
+            Target::Key(key) => {
+                if self.begin_key(key, version) {
+                    Step::RemoveKey
+                } else {
+                    Step::Done(ApplyOutcome::default())
+                }
+            }
             Target::Tag(tag) => {
                 let g = self.next_gen();
                 let overflow = {
@@ -552,10 +581,10 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                     self.detach_flights(&mut map, |_| true);
                 }
                 if overflow {
-                    return self.flush("purge records overflow");
+                    return Step::Done(self.flush("purge records overflow"));
                 }
                 self.sweep.notify_one();
-                ApplyOutcome::default()
+                Step::Done(ApplyOutcome::default())
             }
             Target::Prefix(prefix) => {
                 let g = self.next_gen();
@@ -575,16 +604,22 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                     self.detach_flights(&mut map, |k| k.starts_with(prefix.as_str()));
                 }
                 if overflow {
-                    return self.flush("purge records overflow");
+                    return Step::Done(self.flush("purge records overflow"));
                 }
                 self.sweep.notify_one();
-                ApplyOutcome::default()
+                Step::Done(ApplyOutcome::default())
             }
-            Target::All => self.flush("invalidate all"),
+            Target::All => Step::Done(self.flush("invalidate all")),
         }
     }
 
-    async fn apply_key(&self, key: &str, version: Option<u64>) -> ApplyOutcome {
+    /// The part of a key invalidation that needs no waiting: takes its generation, marks the
+    /// key's open loads, raises its version floor. Returns whether moka may hold the key (then
+    /// [`LocalCache::finish_key`] removes the entry).
+    ///
+    /// Marking comes first: a fill that lands after the `contains_key` below finds its lease
+    /// marked (or the floor raised) in its own check after the insert, and removes itself.
+    fn begin_key(&self, key: &str, version: Option<u64>) -> bool {
         let g = self.next_gen();
         // Most invalidations hit keys nobody is loading: skip the lock then.
         if self.open_leases.load(Ordering::SeqCst) > 0 {
@@ -603,17 +638,23 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                 entry.flight = None;
             }
         }
+        if let Some(v) = version {
+            self.floors
+                .entry_by_ref(key)
+                .and_upsert_with(|cur| cur.map_or(v, |e| (*e.value()).max(v)));
+        }
+        self.moka.contains_key(key)
+    }
+
+    /// Removes the entry of `key` after [`LocalCache::begin_key`] (for a versioned invalidation,
+    /// only if the entry's version is lower).
+    pub async fn finish_key(&self, key: &str, version: Option<u64>) -> ApplyOutcome {
         let dropped = match version {
             None => self.moka.remove(key).await.is_some(),
-            Some(v) => {
-                self.floors
-                    .entry_by_ref(key)
-                    .and_upsert_with(|cur| cur.map_or(v, |e| (*e.value()).max(v)));
-                match self.moka.get(key).await {
-                    Some(slot) if slot.version.is_none_or(|have| have < v) => self.moka.remove(key).await.is_some(),
-                    _ => false,
-                }
-            }
+            Some(v) => match self.moka.get(key).await {
+                Some(slot) if slot.version.is_none_or(|have| have < v) => self.moka.remove(key).await.is_some(),
+                _ => false,
+            },
         };
         ApplyOutcome {
             dropped: u64::from(dropped),

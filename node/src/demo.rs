@@ -135,7 +135,9 @@ pub async fn run(mut args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Err("--chaos needs a nats-server that the demo starts itself (none was found)".into());
     }
     let server = Arc::new(tokio::sync::Mutex::new(server));
-    let chaos = args.chaos.then(|| tokio::spawn(chaos(server.clone(), Duration::from_secs(args.seconds) / 3)));
+    let chaos = args
+        .chaos
+        .then(|| tokio::spawn(chaos(server.clone(), Duration::from_secs(args.seconds) / 3)));
     // The server is killed on every way out: normal end, error, or a signal.
     let outcome = tokio::select! {
         r = demo(&args, &transport) => r,
@@ -1016,7 +1018,11 @@ impl NatsServer {
         if Self::wait_ready(&mut self.child, self.port).await {
             Ok(())
         } else {
-            Err(format!("{} did not listen again on port {}", self.bin.display(), self.port))
+            Err(format!(
+                "{} did not listen again on port {}",
+                self.bin.display(),
+                self.port
+            ))
         }
     }
 
