@@ -1365,17 +1365,18 @@ async fn apply_batch(inner: &BusInner, batch: Batch, replayed: bool) {
         let mut flushed = false;
         let mut purge_ids = Vec::new();
         // Batches usually name one cache throughout: look it up once per run of the same name.
-        let mut resolved: Option<(Option<&str>, Vec<Arc<dyn Applier>>)> = None;
+        let mut resolved_for: Option<Option<&str>> = None;
+        let mut caches: Vec<Arc<dyn Applier>> = Vec::new();
         for inv in &batch.invalidations {
             let name = inv.cache.as_deref();
-            if resolved.as_ref().is_none_or(|(n, _)| *n != name) {
-                resolved = Some((name, inner.targets(name)));
+            if resolved_for != Some(name) {
+                caches = inner.targets(name);
+                resolved_for = Some(name);
             }
-            let caches = resolved.as_ref().map(|(_, c)| c.as_slice()).unwrap_or_default();
             if caches.is_empty() && name.is_some() {
                 inner.metrics.unknown_cache.inc();
             }
-            for c in caches {
+            for c in &caches {
                 let out = apply_to(c.as_ref(), &inv.target, inv.version).await;
                 dropped += out.dropped;
                 flushed |= out.flushed;
