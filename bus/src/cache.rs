@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -124,51 +124,70 @@ pub struct ApplyOutcome {
     pub flushed: bool,
 }
 
+/// One cached value with what coherence needs to know of it. Kept small: on top of the value,
+/// 40 bytes (tag set pointer, stamp, version, expiry, flags) in one allocation shared by moka's
+/// entry and every reader.
 pub(crate) struct Slot<V> {
     pub value: V,
-    tags: Tags,
-    version: Option<u64>,
+    /// The entry's tags, interned: every entry with the same set of tags shares one `TagSet`.
+    tags: Option<Arc<TagSet>>,
     stamp: u64,
-    /// Set only for entries with a time to live shorter than the cache's. Checked on read rather
-    /// than with moka's per-entry expiry, which costs a timer-wheel node for every entry.
-    expires: Option<Instant>,
-    sealed: AtomicBool,
+    /// Meaningful when `HAS_VERSION` is set.
+    version: u64,
+    /// For entries with a time to live shorter than the cache's: when it ends, in milliseconds
+    /// after the cache's `base` instant (0: none). Checked on read rather than with moka's
+    /// per-entry expiry, which costs a timer-wheel node for every entry.
+    expires_ms: u64,
+    flags: AtomicU8,
 }
 
-/// An entry's tags, inline for the usual zero to two, each shared with every other entry of the
-/// same tag (interned per cache).
-enum Tags {
-    Zero,
-    One(Arc<str>),
-    Two([Arc<str>; 2]),
-    Many(Box<[Arc<str>]>),
-}
+const SEALED: u8 = 1;
+const HAS_VERSION: u8 = 2;
 
-impl Tags {
-    fn as_slice(&self) -> &[Arc<str>] {
-        match self {
-            Tags::Zero => &[],
-            Tags::One(t) => std::slice::from_ref(t),
-            Tags::Two(t) => &t[..],
-            Tags::Many(t) => t,
-        }
+impl<V> Slot<V> {
+    #[inline]
+    fn sealed(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & SEALED != 0
     }
 
-    fn from_vec(mut tags: Vec<Arc<str>>) -> Tags {
-        match tags.len() {
-            0 => Tags::Zero,
-            1 => Tags::One(tags.remove(0)),
-            2 => {
-                let b = tags.remove(1);
-                Tags::Two([tags.remove(0), b])
-            }
-            _ => Tags::Many(tags.into_boxed_slice()),
-        }
+    fn version(&self) -> Option<u64> {
+        (self.flags.load(Ordering::Relaxed) & HAS_VERSION != 0).then_some(self.version)
+    }
+
+    fn tags(&self) -> impl Iterator<Item = &str> + Clone {
+        self.tags.as_deref().map(|t| t.0.split('\0')).into_iter().flatten()
     }
 }
 
-/// Most distinct tags interned per cache; beyond it, tags are stored unshared.
-const MAX_INTERNED_TAGS: usize = 1 << 20;
+/// A set of tags, shared by every entry that carries exactly these tags.
+/// The tags are joined with NUL bytes (tags cannot contain NUL): one allocation per set.
+pub(crate) struct TagSet(Box<str>);
+
+/// A pool entry, looked up by the joined text.
+struct Interned(Arc<TagSet>);
+
+impl std::borrow::Borrow<str> for Interned {
+    fn borrow(&self) -> &str {
+        &self.0 .0
+    }
+}
+
+impl PartialEq for Interned {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 .0 == other.0 .0
+    }
+}
+
+impl Eq for Interned {}
+
+impl std::hash::Hash for Interned {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0 .0.hash(state)
+    }
+}
+
+/// Most distinct tag sets interned per cache; beyond it, each entry gets its own.
+const MAX_INTERNED_TAG_SETS: usize = 1 << 20;
 
 /// A load in progress: the generation it started at, and what invalidations did to it since.
 pub(crate) struct Lease {
@@ -217,7 +236,10 @@ pub(crate) struct LocalCache<V> {
     last_tag_gen: AtomicU64,
     last_prefix_gen: AtomicU64,
     tags: RwLock<HashMap<Box<str>, Record>>,
-    interned: Mutex<std::collections::HashSet<Arc<str>>>,
+    /// Tag sets in use; sets no entry holds any more are dropped by the maintenance task.
+    interned: Mutex<std::collections::HashSet<Interned>>,
+    /// Reference point of the per-entry expiry times.
+    base: Instant,
     open_leases: std::sync::atomic::AtomicUsize,
     prefixes: RwLock<Vec<PrefixRecord>>,
     floors: moka::sync::Cache<String, u64>,
@@ -254,6 +276,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             last_prefix_gen: AtomicU64::new(0),
             tags: RwLock::new(HashMap::new()),
             interned: Mutex::new(std::collections::HashSet::new()),
+            base: Instant::now(),
             open_leases: std::sync::atomic::AtomicUsize::new(0),
             prefixes: RwLock::new(Vec::new()),
             floors,
@@ -285,19 +308,17 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
 
     #[inline]
     fn visible(&self, slot: &Slot<V>, key: &str) -> bool {
-        if !slot.sealed.load(Ordering::Acquire) {
+        if !slot.sealed() {
             return false;
         }
         let s = slot.stamp;
         if s < self.all_gen.load(Ordering::Acquire) {
             return false;
         }
-        if slot.expires.is_some_and(|at| Instant::now() >= at) {
+        if slot.expires_ms != 0 && self.base.elapsed().as_millis() as u64 >= slot.expires_ms {
             return false;
         }
-        if s < self.last_tag_gen.load(Ordering::Acquire)
-            && !slot.tags.as_slice().is_empty()
-            && self.tag_purged_since(slot.tags.as_slice(), s)
+        if s < self.last_tag_gen.load(Ordering::Acquire) && slot.tags.is_some() && self.tag_purged_since(slot.tags(), s)
         {
             return false;
         }
@@ -307,10 +328,9 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         true
     }
 
-    fn tag_purged_since(&self, tags: &[impl AsRef<str>], stamp: u64) -> bool {
+    fn tag_purged_since<'t>(&self, mut tags: impl Iterator<Item = &'t str>, stamp: u64) -> bool {
         let records = self.tags.read().unwrap_or_else(|e| e.into_inner());
-        tags.iter()
-            .any(|t| records.get(t.as_ref()).is_some_and(|r| r.gen > stamp))
+        tags.any(|t| records.get(t).is_some_and(|r| r.gen > stamp))
     }
 
     fn prefix_purged_since(&self, key: &str, stamp: u64) -> bool {
@@ -436,7 +456,13 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         }
     }
 
-    fn admissible(&self, key: &str, lease: &Lease, tags: &[impl AsRef<str>], version: Option<u64>) -> bool {
+    fn admissible<'t>(
+        &self,
+        key: &str,
+        lease: &Lease,
+        tags: impl Iterator<Item = &'t str>,
+        version: Option<u64>,
+    ) -> bool {
         let s = lease.stamp;
         if lease.invalidated.load(Ordering::SeqCst)
             || s < self.all_gen.load(Ordering::SeqCst)
@@ -465,30 +491,33 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
     /// Inserts a loaded value under `lease` unless an invalidation overtook the load.
     pub async fn fill(&self, key: &str, lease: &Lease, loaded: Loaded<V>) -> FillOutcome {
         let mut tags = loaded.tags;
+        // A tag with a NUL byte cannot be purged (purges refuse it) and would break the joined
+        // tag set: it is not recorded.
+        tags.retain(|t| !t.contains('\0'));
         tags.truncate(self.max_tags);
-        if !self.admissible(key, lease, &tags, loaded.version) {
+        if !self.admissible(key, lease, tags.iter().map(String::as_str), loaded.version) {
             self.metrics.rejected_fills.inc();
             tracing::debug!(cache = %self.name, key, "fill refused: invalidated during load");
             return FillOutcome::Refused;
         }
-        let expires = loaded
+        let expires_ms = loaded
             .ttl
             .filter(|t| *t < self.config.time_to_live)
-            .map(|t| Instant::now() + t);
+            .map_or(0, |t| ((self.base.elapsed() + t).as_millis() as u64).max(1));
         let slot = Arc::new(Slot {
             value: loaded.value,
-            tags: self.intern(tags),
-            version: loaded.version,
+            tags: self.intern(&tags),
+            version: loaded.version.unwrap_or(0),
             stamp: lease.stamp,
-            expires,
-            sealed: AtomicBool::new(false),
+            expires_ms,
+            flags: AtomicU8::new(if loaded.version.is_some() { HAS_VERSION } else { 0 }),
         });
         self.moka.insert(key.to_owned(), slot.clone()).await;
         // Checked again after the insert: an invalidation that ran between the first check and
         // the insert has marked the lease or written a record by now, and one that runs after
         // this check finds the entry in moka and removes it.
-        if self.admissible(key, lease, slot.tags.as_slice(), slot.version) {
-            slot.sealed.store(true, Ordering::Release);
+        if self.admissible(key, lease, slot.tags(), slot.version()) {
+            slot.flags.fetch_or(SEALED, Ordering::Release);
             self.metrics.fills.inc();
             FillOutcome::Filled
         } else {
@@ -501,25 +530,26 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         }
     }
 
-    fn intern(&self, tags: Vec<String>) -> Tags {
+    fn intern(&self, tags: &[String]) -> Option<Arc<TagSet>> {
         if tags.is_empty() {
-            return Tags::Zero;
+            return None;
         }
+        let joined = tags.join("\0");
         let mut pool = self.interned.lock().unwrap_or_else(|e| e.into_inner());
-        let shared = tags
-            .into_iter()
-            .map(|t| match pool.get(t.as_str()) {
-                Some(a) => a.clone(),
-                None => {
-                    let a: Arc<str> = Arc::from(t);
-                    if pool.len() < MAX_INTERNED_TAGS {
-                        pool.insert(a.clone());
-                    }
-                    a
-                }
-            })
-            .collect();
-        Tags::from_vec(shared)
+        if let Some(set) = pool.get(joined.as_str()) {
+            return Some(set.0.clone());
+        }
+        let set = Arc::new(TagSet(joined.into_boxed_str()));
+        if pool.len() < MAX_INTERNED_TAG_SETS {
+            pool.insert(Interned(set.clone()));
+        }
+        Some(set)
+    }
+
+    /// Forgets tag sets that no entry holds any more.
+    fn prune_tag_sets(&self) {
+        let mut pool = self.interned.lock().unwrap_or_else(|e| e.into_inner());
+        pool.retain(|s| Arc::strong_count(&s.0) > 1);
     }
 
     fn next_gen(&self) -> u64 {
@@ -652,7 +682,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         let dropped = match version {
             None => self.moka.remove(key).await.is_some(),
             Some(v) => match self.moka.get(key).await {
-                Some(slot) if slot.version.is_none_or(|have| have < v) => self.moka.remove(key).await.is_some(),
+                Some(slot) if slot.version().is_none_or(|have| have < v) => self.moka.remove(key).await.is_some(),
                 _ => false,
             },
         };
@@ -744,7 +774,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         let keys = tokio::task::spawn_blocking(move || {
             this.moka
                 .iter()
-                .filter(|(k, slot)| slot.sealed.load(Ordering::Acquire) && !this.visible(slot, k))
+                .filter(|(k, slot)| slot.sealed() && !this.visible(slot, k))
                 .map(|(k, _)| k)
                 .collect::<Vec<_>>()
         })
@@ -753,7 +783,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         let mut removed = 0;
         for (i, key) in keys.iter().enumerate() {
             if let Some(slot) = self.moka.get(key.as_str()).await {
-                if slot.sealed.load(Ordering::Acquire) && !self.visible(&slot, key) {
+                if slot.sealed() && !self.visible(&slot, key) {
                     self.moka.invalidate(key.as_str()).await;
                     removed += 1;
                 }
@@ -803,6 +833,7 @@ async fn maintain<V: Clone + Send + Sync + 'static>(cache: Weak<LocalCache<V>>) 
             tracing::debug!(cache = %c.name, removed, "sweep after purge");
         }
         c.prune_records(Instant::now());
+        c.prune_tag_sets();
     }
 }
 

@@ -157,6 +157,7 @@ pub fn check_invalidation(inv: &Invalidation, limits: &Limits) -> Result<(), Str
     match &inv.target {
         Target::Key(k) if k.is_empty() => return Err("empty key".into()),
         Target::Tag(t) if t.is_empty() => return Err("empty tag".into()),
+        Target::Tag(t) if t.contains('\0') => return Err("a tag cannot contain a NUL byte".into()),
         Target::Prefix(p) if p.is_empty() => return Err("empty prefix (use an `all` target to drop everything)".into()),
         _ => {}
     }
