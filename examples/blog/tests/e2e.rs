@@ -293,7 +293,7 @@ async fn updates_through_one_replica_are_never_read_stale_through_any() {
                         });
                     }
                     n += 1;
-                    if n % 50 == 0 {
+                    if n.is_multiple_of(50) {
                         // Lists too, so their caches and purges are under load as well.
                         let _: Vec<Summary> = http.get("/articles").await;
                     }
