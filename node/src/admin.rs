@@ -223,6 +223,20 @@ impl Admin for AdminService {
                     receipts.push(rc);
                 }
             }
+            // In a NATS cluster our subscription reaches the other servers a moment after the
+            // purge was published, so a fast node's receipt can go by unheard: it is in the
+            // receipts stream, so look there before calling a node missing.
+            if !done(&covered) {
+                for &seq in &seqs {
+                    if let Ok(stored) = st.audit.receipts(&node, epoch, seq).await {
+                        for rc in stored {
+                            if rc.node != node && covered.entry(rc.node.clone()).or_default().insert(rc.seq) {
+                                receipts.push(rc);
+                            }
+                        }
+                    }
+                }
+            }
             missing = expected
                 .iter()
                 .filter(|n| !covered.get(*n).is_some_and(|s| seqs.iter().all(|q| s.contains(q))))

@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use invalbus::{Applied, Batch, Invalidation, Limits, Target};
 use prost::Message;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -456,14 +456,15 @@ impl Audit {
             }
             hi = lo;
         }
+        // A receipt that cannot be read is an error, not "no node applied it".
         let with_receipts: Vec<AuditRecord> = futures::stream::iter(records)
             .map(|mut r| async move {
-                r.receipts = self.receipts(&r.origin, r.epoch, r.seq).await.unwrap_or_default();
-                r
+                r.receipts = self.receipts(&r.origin, r.epoch, r.seq).await?;
+                Ok::<_, AuditError>(r)
             })
             .buffered(8)
-            .collect()
-            .await;
+            .try_collect()
+            .await?;
         Ok((with_receipts, next, scanned))
     }
 
