@@ -734,7 +734,7 @@ impl Bus {
 
     /// The peers this node has heard from.
     pub fn peers(&self) -> Vec<Peer> {
-        let origins = self.inner.origins.lock().unwrap_or_else(|e| e.into_inner());
+        let origins = self.inner.origins();
         let mut v: Vec<_> = origins
             .map
             .iter()
@@ -795,6 +795,10 @@ impl Bus {
 }
 
 impl BusInner {
+    fn origins(&self) -> std::sync::MutexGuard<'_, Origins> {
+        self.origins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn targets(&self, cache: Option<&str>) -> Vec<Arc<dyn Applier>> {
         let caches = self.caches.read().unwrap_or_else(|e| e.into_inner());
         match cache {
@@ -1280,7 +1284,7 @@ async fn on_heartbeat(inner: &BusInner, hb: Heartbeat) {
     inner.metrics.heartbeats_received.inc();
     let now = now_us();
     let action = {
-        let mut origins = inner.origins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut origins = inner.origins();
         let known = origins.map.get(&hb.origin).cloned();
         let action = match known {
             None => {
@@ -1323,13 +1327,14 @@ async fn on_heartbeat(inner: &BusInner, hb: Heartbeat) {
     }
 }
 
+/// What to do with `batch`, given what was applied of its origin.
+fn admission(inner: &BusInner, batch: &Batch) -> Admit {
+    inner.origins().admit(&batch.origin, batch.epoch, batch.seq)
+}
+
 /// A batch from a peer's live stream: apply it in sequence, repairing first what it shows missing.
 async fn on_batch(inner: &BusInner, batch: Batch) {
-    let admit = inner
-        .origins
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .admit(&batch.origin, batch.epoch, batch.seq);
+    let admit = admission(inner, &batch);
     match admit {
         Admit::Duplicate => {
             inner.metrics.duplicates.inc();
@@ -1341,13 +1346,7 @@ async fn on_batch(inner: &BusInner, batch: Batch) {
             tracing::warn!(node = %inner.node_id, origin = %batch.origin, from, to, "gap in the origin's sequence");
             repair_origin(inner, &batch.origin, batch.epoch, to, "gap").await;
             // Repaired or flushed: in either case continue from this batch.
-            if inner
-                .origins
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .admit(&batch.origin, batch.epoch, batch.seq)
-                == Admit::Duplicate
-            {
+            if admission(inner, &batch) == Admit::Duplicate {
                 return;
             }
         }
@@ -1386,13 +1385,9 @@ async fn apply_batch(inner: &BusInner, batch: Batch, replayed: bool) {
             }
         }
         let applied_us = now_us();
-        inner.origins.lock().unwrap_or_else(|e| e.into_inner()).applied(
-            &batch.origin,
-            batch.epoch,
-            batch.seq,
-            batch.timestamp_us,
-            applied_us,
-        );
+        inner
+            .origins()
+            .applied(&batch.origin, batch.epoch, batch.seq, batch.timestamp_us, applied_us);
         inner.metrics.batches_received.inc();
         inner
             .metrics
@@ -1474,7 +1469,7 @@ async fn read_stream(inner: &BusInner, filter: String, since_us: u64) -> Result<
 async fn repair_origin(inner: &BusInner, origin: &str, epoch: u64, to: u64, cause: &str) {
     let _repairing = Repairing::start(inner);
     let since = {
-        let origins = inner.origins.lock().unwrap_or_else(|e| e.into_inner());
+        let origins = inner.origins();
         origins
             .map
             .get(origin)
@@ -1494,19 +1489,13 @@ async fn repair_origin(inner: &BusInner, origin: &str, epoch: u64, to: u64, caus
                 if b.origin != origin || b.epoch != epoch || b.seq > to {
                     continue;
                 }
-                let admit = inner
-                    .origins
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .admit(&b.origin, b.epoch, b.seq);
+                let admit = admission(inner, &b);
                 if admit == Admit::Apply {
                     apply_batch(inner, b, true).await;
                 }
             }
             let reached = inner
-                .origins
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .origins()
                 .map
                 .get(origin)
                 .is_some_and(|o| o.epoch == epoch && o.applied_seq >= to);
@@ -1517,20 +1506,12 @@ async fn repair_origin(inner: &BusInner, origin: &str, epoch: u64, to: u64, caus
                     inner,
                     &format!("{cause}: batches of {origin} up to {to} are no longer in the stream"),
                 );
-                inner
-                    .origins
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .applied(origin, epoch, to, 0, now_us());
+                inner.origins().applied(origin, epoch, to, 0, now_us());
             }
         }
         Err(e) => {
             flush_for(inner, &format!("{cause}: replay failed: {e}"));
-            inner
-                .origins
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .applied(origin, epoch, to, 0, now_us());
+            inner.origins().applied(origin, epoch, to, 0, now_us());
         }
     }
 }
@@ -1545,11 +1526,7 @@ async fn catch_up(inner: &BusInner, origin: &str, epoch: u64, upto: u64) {
             Ok(batches) => {
                 for b in batches {
                     if b.origin == origin && b.epoch == epoch && b.seq <= upto {
-                        let admit = inner
-                            .origins
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .admit(&b.origin, b.epoch, b.seq);
+                        let admit = admission(inner, &b);
                         if admit != Admit::Duplicate {
                             apply_batch(inner, b, true).await;
                         }
@@ -1559,7 +1536,7 @@ async fn catch_up(inner: &BusInner, origin: &str, epoch: u64, upto: u64) {
             Err(e) => flush_for(inner, &format!("first contact with {origin}: replay failed: {e}")),
         }
     }
-    let mut origins = inner.origins.lock().unwrap_or_else(|e| e.into_inner());
+    let mut origins = inner.origins();
     let o = origins.map.entry(origin.to_owned()).or_default();
     if o.epoch == epoch && o.applied_seq >= upto {
         return;
@@ -1577,11 +1554,7 @@ async fn repair_all(inner: &BusInner, since_us: u64, cause: &str) {
                 if b.origin == inner.node_id {
                     continue;
                 }
-                let admit = inner
-                    .origins
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .admit(&b.origin, b.epoch, b.seq);
+                let admit = admission(inner, &b);
                 match admit {
                     Admit::Duplicate => continue,
                     Admit::Apply | Admit::FirstContact => {}
@@ -1589,13 +1562,7 @@ async fn repair_all(inner: &BusInner, since_us: u64, cause: &str) {
                 }
                 apply_batch(inner, b, true).await;
             }
-            let behind = inner
-                .origins
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .map
-                .iter()
-                .any(|(_, o)| o.announced_seq > o.applied_seq);
+            let behind = inner.origins().map.iter().any(|(_, o)| o.announced_seq > o.applied_seq);
             if clipped || behind {
                 flush_for(inner, &format!("{cause}: the stream no longer holds everything missed"));
             } else {
