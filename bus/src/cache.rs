@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -125,56 +125,83 @@ pub struct ApplyOutcome {
 }
 
 /// One cached value with what coherence needs to know of it. Kept small: on top of the value,
-/// 40 bytes (tag set pointer, stamp, version, expiry, flags) in one allocation shared by moka's
-/// entry and every reader.
+/// 24 bytes (tag set pointer, stamp and flags, version) in one allocation shared by moka's entry
+/// and every reader.
 pub(crate) struct Slot<V> {
     pub value: V,
     /// The entry's tags, interned: every entry with the same set of tags shares one `TagSet`.
+    /// An entry with a time to live of its own has a set of its own that also holds the expiry.
     tags: Option<Arc<TagSet>>,
-    stamp: u64,
+    /// The generation stamp of the load (low 56 bits) and the flags (top bits).
+    stamp_flags: AtomicU64,
     /// Meaningful when `HAS_VERSION` is set.
     version: u64,
-    /// For entries with a time to live shorter than the cache's: when it ends, in milliseconds
-    /// after the cache's `base` instant (0: none). Checked on read rather than with moka's
-    /// per-entry expiry, which costs a timer-wheel node for every entry.
-    expires_ms: u64,
-    flags: AtomicU8,
 }
 
-const SEALED: u8 = 1;
-const HAS_VERSION: u8 = 2;
+const SEALED: u64 = 1 << 63;
+const HAS_VERSION: u64 = 1 << 62;
+const HAS_EXPIRY: u64 = 1 << 61;
+const STAMP_MASK: u64 = (1 << 56) - 1;
 
 impl<V> Slot<V> {
     #[inline]
     fn sealed(&self) -> bool {
-        self.flags.load(Ordering::Acquire) & SEALED != 0
+        self.stamp_flags.load(Ordering::Acquire) & SEALED != 0
+    }
+
+    #[inline]
+    fn stamp(&self) -> u64 {
+        self.stamp_flags.load(Ordering::Relaxed) & STAMP_MASK
     }
 
     fn version(&self) -> Option<u64> {
-        (self.flags.load(Ordering::Relaxed) & HAS_VERSION != 0).then_some(self.version)
+        (self.stamp_flags.load(Ordering::Relaxed) & HAS_VERSION != 0).then_some(self.version)
+    }
+
+    /// When the entry's own time to live ends, in milliseconds after the cache's `base`.
+    #[inline]
+    fn expires_ms(&self) -> Option<u64> {
+        if self.stamp_flags.load(Ordering::Relaxed) & HAS_EXPIRY == 0 {
+            return None;
+        }
+        self.tags.as_deref().map(|t| t.expires_ms)
     }
 
     fn tags(&self) -> impl Iterator<Item = &str> + Clone {
-        self.tags.as_deref().map(|t| t.0.split('\0')).into_iter().flatten()
+        self.tags
+            .as_deref()
+            .map(|t| t.tags.split('\0'))
+            .into_iter()
+            .flatten()
+            .filter(|t| !t.is_empty())
     }
 }
 
-/// A set of tags, shared by every entry that carries exactly these tags.
-/// The tags are joined with NUL bytes (tags cannot contain NUL): one allocation per set.
-pub(crate) struct TagSet(Box<str>);
+/// A set of tags, shared by every entry that carries exactly these tags (and no expiry of its
+/// own). The tags are joined with NUL bytes (tags cannot contain NUL): one allocation per set.
+pub(crate) struct TagSet {
+    tags: Box<str>,
+    /// For an entry with a time to live shorter than the cache's: when it ends, in milliseconds
+    /// after the cache's `base` instant. Checked on read rather than with moka's per-entry
+    /// expiry, which costs a timer-wheel node for every entry. 0 in shared sets.
+    expires_ms: u64,
+}
+
+/// Most distinct tag sets interned per cache; beyond it, each entry gets its own.
+const MAX_INTERNED_TAG_SETS: usize = 1 << 20;
 
 /// A pool entry, looked up by the joined text.
 struct Interned(Arc<TagSet>);
 
 impl std::borrow::Borrow<str> for Interned {
     fn borrow(&self) -> &str {
-        &self.0 .0
+        &self.0.tags
     }
 }
 
 impl PartialEq for Interned {
     fn eq(&self, other: &Self) -> bool {
-        self.0 .0 == other.0 .0
+        self.0.tags == other.0.tags
     }
 }
 
@@ -182,12 +209,9 @@ impl Eq for Interned {}
 
 impl std::hash::Hash for Interned {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0 .0.hash(state)
+        self.0.tags.hash(state)
     }
 }
-
-/// Most distinct tag sets interned per cache; beyond it, each entry gets its own.
-const MAX_INTERNED_TAG_SETS: usize = 1 << 20;
 
 /// A load in progress: the generation it started at, and what invalidations did to it since.
 pub(crate) struct Lease {
@@ -311,11 +335,14 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         if !slot.sealed() {
             return false;
         }
-        let s = slot.stamp;
+        let s = slot.stamp();
         if s < self.all_gen.load(Ordering::Acquire) {
             return false;
         }
-        if slot.expires_ms != 0 && self.base.elapsed().as_millis() as u64 >= slot.expires_ms {
+        if slot
+            .expires_ms()
+            .is_some_and(|at| self.base.elapsed().as_millis() as u64 >= at)
+        {
             return false;
         }
         if s < self.last_tag_gen.load(Ordering::Acquire) && slot.tags.is_some() && self.tag_purged_since(slot.tags(), s)
@@ -493,7 +520,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         let mut tags = loaded.tags;
         // A tag with a NUL byte cannot be purged (purges refuse it) and would break the joined
         // tag set: it is not recorded.
-        tags.retain(|t| !t.contains('\0'));
+        tags.retain(|t| !t.is_empty() && !t.contains('\0'));
         tags.truncate(self.max_tags);
         if !self.admissible(key, lease, tags.iter().map(String::as_str), loaded.version) {
             self.metrics.rejected_fills.inc();
@@ -504,20 +531,31 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             .ttl
             .filter(|t| *t < self.config.time_to_live)
             .map_or(0, |t| ((self.base.elapsed() + t).as_millis() as u64).max(1));
+        let mut flags = lease.stamp & STAMP_MASK;
+        if loaded.version.is_some() {
+            flags |= HAS_VERSION;
+        }
+        let tags = if expires_ms > 0 {
+            flags |= HAS_EXPIRY;
+            Some(Arc::new(TagSet {
+                tags: tags.join("\0").into_boxed_str(),
+                expires_ms,
+            }))
+        } else {
+            self.intern(&tags)
+        };
         let slot = Arc::new(Slot {
             value: loaded.value,
-            tags: self.intern(&tags),
+            tags,
+            stamp_flags: AtomicU64::new(flags),
             version: loaded.version.unwrap_or(0),
-            stamp: lease.stamp,
-            expires_ms,
-            flags: AtomicU8::new(if loaded.version.is_some() { HAS_VERSION } else { 0 }),
         });
         self.moka.insert(key.to_owned(), slot.clone()).await;
         // Checked again after the insert: an invalidation that ran between the first check and
         // the insert has marked the lease or written a record by now, and one that runs after
         // this check finds the entry in moka and removes it.
         if self.admissible(key, lease, slot.tags(), slot.version()) {
-            slot.flags.fetch_or(SEALED, Ordering::Release);
+            slot.stamp_flags.fetch_or(SEALED, Ordering::Release);
             self.metrics.fills.inc();
             FillOutcome::Filled
         } else {
@@ -539,7 +577,10 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         if let Some(set) = pool.get(joined.as_str()) {
             return Some(set.0.clone());
         }
-        let set = Arc::new(TagSet(joined.into_boxed_str()));
+        let set = Arc::new(TagSet {
+            tags: joined.into_boxed_str(),
+            expires_ms: 0,
+        });
         if pool.len() < MAX_INTERNED_TAG_SETS {
             pool.insert(Interned(set.clone()));
         }
