@@ -691,3 +691,56 @@ async fn building_against_a_port_without_a_server_is_a_connect_error() {
         other => panic!("expected BuildError::Connect, got {other:?}"),
     }
 }
+
+/// Zero tolerated misses, on core NATS (no stream to replay from): a batch lost in the middle of
+/// an origin's sequence, and a lost *last* batch that only the origin's heartbeat reveals, each
+/// make the node flush what it may hold stale. Without gap detection the stale entries would
+/// stay until their time to live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_batch_or_a_lost_last_batch_makes_the_node_flush() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let node = bus(&server.url(), NS, "reader").await;
+    let rows: Cache<String> = node.cache("rows", config()).unwrap();
+    let mut writer = RawPeer::connect(&server.url(), NS, "lossy-writer").await;
+    let key = |k: &str| Invalidation::new(Some("rows"), Target::Key(k.into()));
+
+    fill(&rows, "row:1", Loaded::new("old".into())).await;
+    fill(&rows, "row:2", Loaded::new("old".into())).await;
+    let b1 = writer.next_batch(vec![key("row:9")]);
+    writer.publish_batch(&b1).await;
+    let ok = eventually(DEADLINE, || async { node.stats().batches_received == 1 }).await;
+    assert!(ok, "the first batch was not applied: {:?}", node.stats());
+    assert_eq!(
+        rows.get("row:1").await.as_deref(),
+        Some("old"),
+        "row:1 was not invalidated yet"
+    );
+
+    // Batch 2 (which invalidated row:1) is "lost": only batch 3 arrives.
+    let _lost = writer.next_batch(vec![key("row:1")]);
+    let b3 = writer.next_batch(vec![key("row:8")]);
+    writer.publish_batch(&b3).await;
+    let ok = eventually(DEADLINE, || async {
+        node.stats().gaps >= 1 && rows.get("row:1").await.is_none()
+    })
+    .await;
+    assert!(
+        ok,
+        "a gap must be found and row:1 dropped: {:?} {:?}",
+        node.stats(),
+        rows.stats()
+    );
+    assert!(node.stats().repair_flushes >= 1, "{:?}", node.stats());
+
+    // The last batch (which invalidated row:2) is lost; the heartbeat announcing it reveals it.
+    fill(&rows, "row:2", Loaded::new("old".into())).await;
+    let gaps_before = node.stats().gaps;
+    let last = writer.next_batch(vec![key("row:2")]);
+    writer.heartbeat(last.seq).await;
+    let ok = eventually(DEADLINE, || async {
+        node.stats().gaps > gaps_before && rows.get("row:2").await.is_none()
+    })
+    .await;
+    assert!(ok, "tail loss must be found and row:2 dropped: {:?}", node.stats());
+}
