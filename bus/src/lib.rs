@@ -35,15 +35,19 @@
 //! # Layout
 //! - `codec`: the domain types ([`Invalidation`], [`Target`]) and their defensive encoding to
 //!   and from the wire schema of `invalbus-proto`, with the size limits of [`Limits`].
-//! - `config`: [`Limits`] and [`CacheConfig`].
+//! - `config`: [`Limits`], [`CacheConfig`] and [`JetStreamConfig`].
 //! - `metrics`: striped counters and latency histograms, and their snapshots ([`BusStats`],
 //!   [`CacheStats`]).
 //! - `cache`: one named local cache: moka entries stamped with a generation, purge records
 //!   checked on read, and leases that refuse fills overtaken by an invalidation.
 //! - `transport`: the link to peers: a NATS connection, or an [`InProcessHub`] with the same
 //!   semantics for single-process use and tests.
-//! - `bus`: [`Bus`] and [`Cache`]: the publisher task that batches this node's invalidations,
-//!   the receiver task that applies its peers', heartbeats, and the peer table.
+//! - `repair`: what keeps the caches honest after loss: the health gate that decides whether
+//!   caches may serve, per-origin sequence tracking (gaps, epochs), and replay of missed batches
+//!   from the JetStream stream, with detection of a history the stream no longer holds.
+//! - `bus`: [`Bus`] and [`Cache`]: the publisher task that batches this node's invalidations
+//!   (acknowledged by the stream when one is configured), the receiver task that applies its
+//!   peers' and repairs what it finds missing, heartbeats, the watchdog, and the peer table.
 //!
 //! # Guarantees
 //! **When an invalidation call returns** (`invalidate_key`, `_version`, `_tag`, `_prefix`,
