@@ -498,6 +498,26 @@ impl Audit {
             .subscribe(self.subjects.all_receipts())
             .await
             .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        // `subscribe` only queues the SUBs (and `flush` only writes them): a purge made right
+        // after the watcher got its stream could reach the server first, and its batch and
+        // receipts never reach the tail. The server handles one connection's messages in
+        // order, so once a probe published after the SUBs comes back, they are in force.
+        // (In a NATS cluster, interest reaches the other servers a moment later still.)
+        let probe_subject = self.client.new_inbox();
+        let mut probe = self
+            .client
+            .subscribe(probe_subject.clone())
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        self.client
+            .publish(probe_subject, Bytes::new())
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        match tokio::time::timeout(Duration::from_secs(10), probe.next()).await {
+            Ok(Some(_)) => {}
+            _ => return Err(AuditError::Unavailable("NATS did not confirm the subscriptions".into())),
+        }
+        drop(probe);
         let limits = self.limits.clone();
         let namespace = self.namespace.clone();
         tokio::spawn(async move {
@@ -506,6 +526,10 @@ impl Audit {
             let everything = filter == Filter::default();
             loop {
                 let event = tokio::select! {
+                    // Batches first: a batch reaches this connection before its receipts, but a
+                    // random pick could take a receipt first, find its batch not yet matched,
+                    // and drop it from the tail.
+                    biased;
                     m = batches.next() => {
                         let Some(m) = m else { return };
                         let Ok(b) = invalbus::decode_batch(&m.payload, &namespace, &limits) else { continue };
