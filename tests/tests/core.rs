@@ -721,26 +721,31 @@ async fn a_lost_batch_or_a_lost_last_batch_makes_the_node_flush() {
     let _lost = writer.next_batch(vec![key("row:1")]);
     let b3 = writer.next_batch(vec![key("row:8")]);
     writer.publish_batch(&b3).await;
-    let ok = eventually(DEADLINE, || async {
-        node.stats().gaps >= 1 && rows.get("row:1").await.is_none()
-    })
-    .await;
-    assert!(
-        ok,
-        "a gap must be found and row:1 dropped: {:?} {:?}",
-        node.stats(),
-        rows.stats()
-    );
-    assert!(node.stats().repair_flushes >= 1, "{:?}", node.stats());
+    // While it repairs, the node serves nothing from cache: wait until it serves again, so that
+    // the reads below see the cache, not the bypass.
+    let repaired = |flushes: u64| {
+        let node = node.clone();
+        move || {
+            let node = node.clone();
+            async move { node.stats().repair_flushes >= flushes && node.serving() }
+        }
+    };
+    let ok = eventually(DEADLINE, repaired(1)).await;
+    assert!(ok, "a gap must be found and the caches flushed: {:?}", node.stats());
+    assert!(node.stats().gaps >= 1, "{:?}", node.stats());
+    assert_eq!(rows.get("row:1").await, None, "row:1 was served stale after the gap");
 
     // The last batch (which invalidated row:2) is lost; the heartbeat announcing it reveals it.
     fill(&rows, "row:2", Loaded::new("old".into())).await;
-    let gaps_before = node.stats().gaps;
+    let before = node.stats();
     let last = writer.next_batch(vec![key("row:2")]);
     writer.heartbeat(last.seq).await;
-    let ok = eventually(DEADLINE, || async {
-        node.stats().gaps > gaps_before && rows.get("row:2").await.is_none()
-    })
-    .await;
-    assert!(ok, "tail loss must be found and row:2 dropped: {:?}", node.stats());
+    let ok = eventually(DEADLINE, repaired(before.repair_flushes + 1)).await;
+    assert!(ok, "tail loss must be found and the caches flushed: {:?}", node.stats());
+    assert!(node.stats().gaps > before.gaps, "{:?}", node.stats());
+    assert_eq!(
+        rows.get("row:2").await,
+        None,
+        "row:2 was served stale after its last batch was lost"
+    );
 }
