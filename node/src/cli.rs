@@ -232,21 +232,10 @@ fn print_receipts(receipts: &[Receipt]) {
     let rows: Vec<Vec<String>> = receipts
         .iter()
         .map(|r| {
-            vec![
-                r.node.clone(),
-                format!("{}#{}", r.origin, r.seq),
-                time(r.applied_us),
-                if r.local {
-                    "origin".into()
-                } else {
-                    ms(r.applied_us.saturating_sub(r.published_us))
-                },
-                if r.flushed {
-                    "flushed".into()
-                } else {
-                    r.dropped.to_string()
-                },
-            ]
+            vec![r.node.clone(), format!("{}#{}", r.origin, r.seq)]
+                .into_iter()
+                .chain(receipt_cells(r))
+                .collect()
         })
         .collect();
     print!("{}", table(&["NODE", "BATCH", "APPLIED", "AFTER", "DROPPED"], &rows));
@@ -480,24 +469,29 @@ fn print_record(r: &AuditRecord, receipts: bool) {
             .receipts
             .iter()
             .map(|c| {
-                vec![
-                    format!("  {}", c.node),
-                    time(c.applied_us),
-                    if c.local {
-                        "origin".into()
-                    } else {
-                        ms(c.applied_us.saturating_sub(c.published_us))
-                    },
-                    if c.flushed {
-                        "flushed".into()
-                    } else {
-                        c.dropped.to_string()
-                    },
-                ]
+                vec![format!("  {}", c.node)]
+                    .into_iter()
+                    .chain(receipt_cells(c))
+                    .collect()
             })
             .collect();
         print!("{}", table(&["  NODE", "APPLIED", "AFTER", "DROPPED"], &rows));
     }
+}
+
+/// The APPLIED, AFTER and DROPPED cells of a receipt, as both receipt tables show them.
+fn receipt_cells(r: &Receipt) -> [String; 3] {
+    let after = if r.local {
+        "origin".into()
+    } else {
+        ms(r.applied_us.saturating_sub(r.published_us))
+    };
+    let dropped = if r.flushed {
+        "flushed".into()
+    } else {
+        r.dropped.to_string()
+    };
+    [time(r.applied_us), after, dropped]
 }
 
 /// Left-aligned columns separated by two spaces.
