@@ -2,8 +2,9 @@
 //!
 //! # Layout
 //! - [`NatsServer`] and [`NatsCluster`]: `nats-server` child processes on free loopback ports,
-//!   optionally with JetStream, that can be killed with SIGKILL and restarted on the same port
-//!   and store. They are killed and reaped on drop.
+//!   optionally with JetStream or a configuration file (authorization, TLS, operator mode), that
+//!   can be killed with SIGKILL and restarted on the same port and store. They are killed and
+//!   reaped on drop.
 //! - [`TcpProxy`]: sits between a client and a server; the test switches it between
 //!   [`ProxyMode::Pass`], [`ProxyMode::BlackHole`], [`ProxyMode::Reset`] and
 //!   [`ProxyMode::Delay`] while connections are live.
@@ -117,18 +118,24 @@ struct ServerSpec {
     jetstream: bool,
     /// `(cluster port, every member's cluster port, cluster name)`.
     cluster: Option<(u16, Vec<u16>, String)>,
+    /// The text of a configuration file (`-c`); the flags above win over what it says.
+    config: Option<String>,
 }
 
 impl ServerSpec {
-    fn args(&self, store: &Path) -> Vec<String> {
-        let mut args = vec![
+    fn args(&self, store: &Path, config_file: &Path) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.config.is_some() {
+            args.extend(["-c".to_owned(), config_file.display().to_string()]);
+        }
+        args.extend([
             "-a".to_owned(),
             "127.0.0.1".to_owned(),
             "-p".to_owned(),
             self.port.to_string(),
             "--server_name".to_owned(),
             self.name.clone(),
-        ];
+        ]);
         if let Some(http) = self.http_port {
             args.extend(["-m".to_owned(), http.to_string()]);
         }
@@ -188,7 +195,34 @@ impl NatsServer {
         Self::start_with(true).await
     }
 
+    /// Starts a core NATS server (no JetStream) configured by `config`, the text of a
+    /// `nats-server` configuration file (authorization, TLS, operator mode...), on a free port,
+    /// and waits until it accepts connections. The fixture sets the host, port and server name
+    /// on the command line, which wins over the file; files the text names (certificates, JWTs)
+    /// must outlive the server.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() {
+    /// let server = invalbus_tests::NatsServer::start_with_config("authorization { token: s3cr3t }").await;
+    /// let client = async_nats::ConnectOptions::with_token("s3cr3t".into()).connect(server.url()).await.unwrap();
+    /// # drop(client);
+    /// # }
+    /// ```
+    pub async fn start_with_config(config: &str) -> NatsServer {
+        Self::start_spec(false, Some(config)).await
+    }
+
+    /// Like [`NatsServer::start_with_config`], with JetStream (file storage in a temporary
+    /// directory) as well.
+    pub async fn start_jetstream_with_config(config: &str) -> NatsServer {
+        Self::start_spec(true, Some(config)).await
+    }
+
     async fn start_with(jetstream: bool) -> NatsServer {
+        Self::start_spec(jetstream, None).await
+    }
+
+    async fn start_spec(jetstream: bool, config: Option<&str>) -> NatsServer {
         // A free port can be taken between our probe and the server's bind: retry on a new one.
         let mut last_error = String::new();
         for _ in 0..5 {
@@ -198,6 +232,7 @@ impl NatsServer {
                 http_port: None,
                 jetstream,
                 cluster: None,
+                config: config.map(str::to_owned),
             };
             let mut server = NatsServer::spawn(spec);
             match server.wait_ready(SERVER_START_DEADLINE).await {
@@ -227,6 +262,10 @@ impl NatsServer {
         self.dir.path().join("server.log")
     }
 
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("server.conf")
+    }
+
     fn launch(&mut self) {
         assert!(
             self.child.is_none(),
@@ -239,9 +278,12 @@ impl NatsServer {
             .open(self.log_path())
             .expect("open the nats-server log file");
         let log_err = log.try_clone().expect("clone the log file handle");
+        if let Some(config) = &self.spec.config {
+            std::fs::write(self.config_path(), config).expect("write the nats-server configuration file");
+        }
         let bin = nats_server_bin();
         let child = Command::new(&bin)
-            .args(self.spec.args(&self.store_dir()))
+            .args(self.spec.args(&self.store_dir(), &self.config_path()))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -397,6 +439,7 @@ impl NatsCluster {
                     http_port: Some(http_ports[i]),
                     jetstream: true,
                     cluster: Some((cluster_ports[i], cluster_ports.to_vec(), cluster_name.clone())),
+                    config: None,
                 })
             })
             .collect();
