@@ -86,13 +86,22 @@ pub struct Published {
 pub struct Ticket {
     rx: oneshot::Receiver<Result<Published, PublishError>>,
     local: ApplyOutcome,
+    pending: PendingDrops,
 }
 
 impl Ticket {
-    /// What the invalidation did to this node's caches before the call returned (entries
-    /// dropped at once, and whether a cache was flushed): this node's own receipt.
+    /// What the invalidation did to this node's caches before the call returned: entries
+    /// removed at once (key targets), and whether a cache was flushed. A tag or prefix purge
+    /// hid its entries before the call returned too; [`Ticket::pending_drops`] counts them.
     pub fn local(&self) -> ApplyOutcome {
         self.local
+    }
+
+    /// The count of the entries a tag or prefix purge hid on this node, which completes when
+    /// the background sweep has removed them. Add it to [`Ticket::local`] for this node's
+    /// receipt.
+    pub fn pending_drops(&self) -> PendingDrops {
+        self.pending.clone()
     }
 
     /// Waits until the batch carrying this invalidation was handed to the transport.
@@ -105,7 +114,7 @@ impl Ticket {
 }
 
 /// A batch from a peer, as applied on this node: what the audit log's receipts are made of.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Applied {
     /// Node that published the batch.
     pub origin: String,
@@ -125,6 +134,46 @@ pub struct Applied {
     pub flushed: bool,
     /// Purge ids of the admin purges in it.
     pub purge_ids: Vec<String>,
+    /// The entries its tag and prefix purges hid, counted as the sweep removes them: add
+    /// [`PendingDrops::count`] to `dropped` for the whole.
+    pub pending: PendingDrops,
+}
+
+/// How long [`PendingDrops::count`] waits for a sweep before it answers with what was counted.
+const SWEEP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The entries that tag and prefix purges hid at once, still being removed (and counted) by the
+/// caches' background sweeps. A sweep covers every purge applied before it began, so the count
+/// usually completes within milliseconds (about a second for a million entries).
+#[derive(Clone, Default)]
+pub struct PendingDrops {
+    sweeps: Vec<(Arc<dyn Applier>, u64)>,
+}
+
+impl PendingDrops {
+    /// Whether there is nothing to wait for (no tag or prefix purge, or no cache to purge).
+    pub fn is_empty(&self) -> bool {
+        self.sweeps.is_empty()
+    }
+
+    /// The number of entries these purges hid, once the sweeps have counted them. Each entry is
+    /// counted once, for the first purge that hid it. If a sweep is more than a minute late, the
+    /// count so far (and a warning in the log).
+    pub async fn count(&self) -> u64 {
+        let mut n = 0;
+        for (cache, gen) in &self.sweeps {
+            n += cache.swept(*gen, SWEEP_PATIENCE).await;
+        }
+        n
+    }
+}
+
+impl std::fmt::Debug for PendingDrops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingDrops")
+            .field("purges", &self.sweeps.len())
+            .finish()
+    }
 }
 
 /// Another node as seen from its heartbeats and batches.
@@ -147,14 +196,23 @@ pub struct Peer {
 }
 
 /// Applies one invalidation to one cache; waits (and boxes a future) only when an entry must be
-/// removed.
-async fn apply_to(cache: &dyn Applier, target: &Target, version: Option<u64>) -> ApplyOutcome {
+/// removed. A tag or prefix purge adds its count to `pending`.
+async fn apply_to(
+    cache: &Arc<dyn Applier>,
+    target: &Target,
+    version: Option<u64>,
+    pending: &mut PendingDrops,
+) -> ApplyOutcome {
     match cache.apply_now(target, version) {
         Step::Done(outcome) => outcome,
         Step::RemoveKey => match target {
             Target::Key(key) => cache.finish_key(key, version).await,
             _ => ApplyOutcome::default(),
         },
+        Step::Hidden(gen) => {
+            pending.sweeps.push((cache.clone(), gen));
+            ApplyOutcome::default()
+        }
     }
 }
 
@@ -163,6 +221,7 @@ trait Applier: Send + Sync {
     fn apply_now(&self, target: &Target, version: Option<u64>) -> Step;
     fn finish_key<'a>(&'a self, key: &'a str, version: Option<u64>) -> BoxFuture<'a, ApplyOutcome>;
     fn flush(&self, cause: &str) -> ApplyOutcome;
+    fn swept(&self, gen: u64, patience: Duration) -> BoxFuture<'_, u64>;
     fn stats(&self) -> CacheStats;
     fn entry_count(&self) -> u64;
     fn as_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
@@ -177,6 +236,9 @@ impl<V: Clone + Send + Sync + 'static> Applier for LocalCache<V> {
     }
     fn flush(&self, cause: &str) -> ApplyOutcome {
         LocalCache::flush(self, cause)
+    }
+    fn swept(&self, gen: u64, patience: Duration) -> BoxFuture<'_, u64> {
+        Box::pin(LocalCache::swept(self, gen, patience))
     }
     fn stats(&self) -> CacheStats {
         LocalCache::stats(self)
@@ -683,21 +745,27 @@ impl Bus {
         }
         // Applied here before the call returns: a read on this node after it sees the effect.
         let mut local = ApplyOutcome::default();
+        let mut pending = PendingDrops::default();
         for c in &caches {
-            let out = apply_to(c.as_ref(), &invalidation.target, invalidation.version).await;
+            let out = apply_to(c, &invalidation.target, invalidation.version, &mut pending).await;
             local.dropped += out.dropped;
             local.flushed |= out.flushed;
         }
-        self.enqueue(invalidation, local)
+        self.enqueue(invalidation, local, pending)
     }
 
-    fn enqueue(&self, invalidation: Invalidation, local: ApplyOutcome) -> Result<Ticket, InvalidateError> {
+    fn enqueue(
+        &self,
+        invalidation: Invalidation,
+        local: ApplyOutcome,
+        pending: PendingDrops,
+    ) -> Result<Ticket, InvalidateError> {
         let (tx, rx) = oneshot::channel();
         match self.inner.outbox.try_send(Outgoing {
             invalidation,
             done: Some(tx),
         }) {
-            Ok(()) => Ok(Ticket { rx, local }),
+            Ok(()) => Ok(Ticket { rx, local, pending }),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.inner.metrics.publish_queue_full.inc();
                 tracing::warn!(node = %self.inner.node_id, "outbound queue full: invalidation applied locally, not published");
@@ -1362,6 +1430,7 @@ async fn apply_batch(inner: &BusInner, batch: Batch, replayed: bool) {
     async {
         let mut dropped = 0;
         let mut flushed = false;
+        let mut pending = PendingDrops::default();
         let mut purge_ids = Vec::new();
         // Batches usually name one cache throughout: look it up once per run of the same name.
         let mut resolved_for: Option<Option<&str>> = None;
@@ -1376,7 +1445,7 @@ async fn apply_batch(inner: &BusInner, batch: Batch, replayed: bool) {
                 inner.metrics.unknown_cache.inc();
             }
             for c in &caches {
-                let out = apply_to(c.as_ref(), &inv.target, inv.version).await;
+                let out = apply_to(c, &inv.target, inv.version, &mut pending).await;
                 dropped += out.dropped;
                 flushed |= out.flushed;
             }
@@ -1411,6 +1480,7 @@ async fn apply_batch(inner: &BusInner, batch: Batch, replayed: bool) {
             dropped,
             flushed,
             purge_ids,
+            pending,
         });
     }
     .instrument(span)

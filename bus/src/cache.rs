@@ -11,7 +11,8 @@
 //!   a window) and removes the entry if its version is lower;
 //! - a tag or prefix purge writes a record `(tag or prefix, g)` that reads check, so it takes
 //!   effect at once for any number of entries; a background sweep then removes the covered
-//!   entries to free space. Records are kept for one time to live (after which every entry they
+//!   entries to free space, and counts them for the purge that hid them (each entry for the
+//!   oldest record that covers it), which is how a receipt can say how many entries it dropped. Records are kept for one time to live (after which every entry they
 //!   could cover has expired) and are folded into a whole-cache flush when there are too many;
 //! - a flush of everything raises `all_gen`, which every read checks.
 //!
@@ -21,7 +22,7 @@
 //! sees the value in between. moka's own `get_with` does not give this, and its
 //! `invalidate_entries_if` leaves matching entries behind; neither is used.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -112,13 +113,16 @@ pub(crate) enum Step {
     Done(ApplyOutcome),
     /// Applied but for removing the key's entry: call `finish_key`.
     RemoveKey,
+    /// A tag or prefix purge of generation `gen`: its entries are hidden, and the sweep counts
+    /// them as it removes them ([`LocalCache::swept`]).
+    Hidden(u64),
 }
 
 /// What applying one invalidation did to a cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
-    /// Entries removed at once (key targets); tag and prefix purges hide entries at once and
-    /// remove them in the background, so they report 0 here.
+    /// Entries removed at once (key targets). Tag and prefix purges hide their entries at once
+    /// and count them as the background sweep removes them: see [`crate::PendingDrops`].
     pub dropped: u64,
     /// The whole cache was flushed.
     pub flushed: bool,
@@ -244,6 +248,22 @@ struct PrefixRecord {
 }
 
 /// Why a load failed; shared by every caller that waited on the same load.
+/// The counts of entries that tag and prefix purges hid, filled in by the sweeps that remove them.
+#[derive(Default)]
+struct Tally {
+    /// Purges applied since the last sweep began: the next sweep completes their counts.
+    waiting: Vec<u64>,
+    /// Entries counted so far for each purge whose count is not complete.
+    counting: HashMap<u64, u64>,
+    /// Complete counts, kept a while ([`DONE_KEPT`], [`MAX_DONE`]) for whoever asks.
+    done: BTreeMap<u64, (u64, Instant)>,
+}
+
+/// How long a complete count is kept for a receipt that has not asked for it yet (receipts
+/// ask within milliseconds), and how many are kept at most.
+const DONE_KEPT: Duration = Duration::from_secs(60);
+const MAX_DONE: usize = 1 << 16;
+
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("loader failed: {0}")]
 pub struct LoadError(pub Arc<dyn std::error::Error + Send + Sync>);
@@ -269,6 +289,9 @@ pub(crate) struct LocalCache<V> {
     floors: moka::sync::Cache<String, u64>,
     leases: Mutex<HashMap<String, KeyLeases<V>>>,
     sweep: Notify,
+    tally: Mutex<Tally>,
+    /// Bumped after each sweep: waiters for a count look again.
+    swept_rounds: watch::Sender<u64>,
     pub(crate) metrics: CacheMetrics,
 }
 
@@ -306,6 +329,8 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             floors,
             leases: Mutex::new(HashMap::new()),
             sweep: Notify::new(),
+            tally: Mutex::new(Tally::default()),
+            swept_rounds: watch::Sender::new(0),
             metrics: CacheMetrics::default(),
             config,
         });
@@ -617,6 +642,10 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                 Target::Key(key) => self.finish_key(key, version).await,
                 _ => ApplyOutcome::default(),
             },
+            Step::Hidden(gen) => ApplyOutcome {
+                dropped: self.swept(gen, Duration::from_secs(60)).await,
+                flushed: false,
+            },
         }
     }
 
@@ -654,8 +683,8 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                 if overflow {
                     return Step::Done(self.flush("purge records overflow"));
                 }
-                self.sweep.notify_one();
-                Step::Done(ApplyOutcome::default())
+                self.count_for(g);
+                Step::Hidden(g)
             }
             Target::Prefix(prefix) => {
                 let g = self.next_gen();
@@ -677,8 +706,8 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                 if overflow {
                     return Step::Done(self.flush("purge records overflow"));
                 }
-                self.sweep.notify_one();
-                Step::Done(ApplyOutcome::default())
+                self.count_for(g);
+                Step::Hidden(g)
             }
             Target::All => Step::Done(self.flush("invalidate all")),
         }
@@ -690,6 +719,79 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
     ///
     /// Marking comes first: a fill that lands after the `contains_key` below finds its lease
     /// marked (or the floor raised) in its own check after the insert, and removes itself.
+    /// Opens the count of purge `gen` and asks for a sweep to fill it in.
+    fn count_for(&self, gen: u64) {
+        {
+            let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+            t.waiting.push(gen);
+            t.counting.insert(gen, 0);
+        }
+        self.sweep.notify_one();
+    }
+
+    /// The number of entries purge `gen` hid, once the sweep that removes them has counted them;
+    /// after `patience` without that, what was counted so far (and a log line).
+    pub async fn swept(&self, gen: u64, patience: Duration) -> u64 {
+        let mut rounds = self.swept_rounds.subscribe();
+        let wait = async {
+            loop {
+                {
+                    let t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some((n, _)) = t.done.get(&gen) {
+                        return *n;
+                    }
+                    if !t.counting.contains_key(&gen) {
+                        // Kept longer than DONE_KEPT without being asked for, or never opened.
+                        return 0;
+                    }
+                }
+                if rounds.changed().await.is_err() {
+                    return 0;
+                }
+            }
+        };
+        match tokio::time::timeout(patience, wait).await {
+            Ok(n) => n,
+            Err(_) => {
+                let t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+                let n = t.counting.get(&gen).copied().unwrap_or(0);
+                tracing::warn!(cache = %self.name, gen, counted = n, ?patience, "purge count incomplete: the sweep is late");
+                n
+            }
+        }
+    }
+
+    /// The tag or prefix purge that hid `slot` first (its generation), or `None` when a flush or
+    /// the entry's own time to live hid it first.
+    fn hidden_by(&self, slot: &Slot<V>, key: &str) -> Option<u64> {
+        let s = slot.stamp();
+        if slot
+            .expires_ms()
+            .is_some_and(|at| self.base.elapsed().as_millis() as u64 >= at)
+        {
+            return None;
+        }
+        let by_tag = if slot.tags.is_some() {
+            let records = self.tags.read().unwrap_or_else(|e| e.into_inner());
+            slot.tags()
+                .filter_map(|t| records.get(t).map(|r| r.gen).filter(|&g| g > s))
+                .min()
+        } else {
+            None
+        };
+        let by_prefix = {
+            let records = self.prefixes.read().unwrap_or_else(|e| e.into_inner());
+            records
+                .iter()
+                .filter(|p| p.gen > s && key.starts_with(p.prefix.as_str()))
+                .map(|p| p.gen)
+                .min()
+        };
+        let first = by_tag.into_iter().chain(by_prefix).min()?;
+        let all = self.all_gen.load(Ordering::Acquire);
+        (s >= all || all > first).then_some(first)
+    }
+
     fn begin_key(&self, key: &str, version: Option<u64>) -> bool {
         let g = self.next_gen();
         // Most invalidations hit keys nobody is loading: skip the lock then.
@@ -746,6 +848,8 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         self.tags.write().unwrap_or_else(|e| e.into_inner()).clear();
         self.prefixes.write().unwrap_or_else(|e| e.into_inner()).clear();
         self.moka.invalidate_all();
+        // The purges not yet swept keep what was counted of them: the flush dropped the rest.
+        self.close_counts(|_| true);
         self.metrics.flushes.inc();
         tracing::info!(cache = %self.name, cause, "cache flushed");
         ApplyOutcome {
@@ -810,7 +914,31 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
     }
 
     /// Removes entries hidden by purge records, so that they stop taking space.
+    /// Moves the counts of the purges `complete` picks from open to done, and wakes their waiters.
+    fn close_counts(&self, complete: impl Fn(u64) -> bool) {
+        let now = Instant::now();
+        {
+            let mut guard = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+            let t = &mut *guard;
+            let closing: Vec<u64> = t.counting.keys().copied().filter(|&g| complete(g)).collect();
+            for g in closing {
+                let n = t.counting.remove(&g).unwrap_or(0);
+                t.done.insert(g, (n, now));
+            }
+            let counting = &t.counting;
+            t.waiting.retain(|g| counting.contains_key(g));
+            t.done.retain(|_, (_, at)| now.duration_since(*at) < DONE_KEPT);
+            while t.done.len() > MAX_DONE {
+                t.done.pop_first();
+            }
+        }
+        self.swept_rounds.send_modify(|r| *r += 1);
+    }
+
+    /// Removes the entries that purges hid, counts each for the purge that hid it first, and
+    /// completes the counts of the purges applied before it began. Returns how many it removed.
     async fn sweep(self: &Arc<Self>) -> u64 {
+        let round: Vec<u64> = std::mem::take(&mut self.tally.lock().unwrap_or_else(|e| e.into_inner()).waiting);
         let this = self.clone();
         let keys = tokio::task::spawn_blocking(move || {
             this.moka
@@ -821,18 +949,45 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         })
         .await
         .unwrap_or_default();
+        let mut counted: HashMap<u64, u64> = HashMap::new();
         let mut removed = 0;
         for (i, key) in keys.iter().enumerate() {
-            if let Some(slot) = self.moka.get(key.as_str()).await {
-                if slot.sealed() && !self.visible(&slot, key) {
-                    self.moka.invalidate(key.as_str()).await;
-                    removed += 1;
+            // Removed only if it is still the hidden entry: a fill may have replaced it since.
+            let mut by = None;
+            let result = self
+                .moka
+                .entry_by_ref(key.as_str())
+                .and_compute_with(|cur| {
+                    let op = match cur {
+                        Some(e) if e.value().sealed() && !self.visible(e.value(), key) => {
+                            by = Some(self.hidden_by(e.value(), key));
+                            moka::ops::compute::Op::Remove
+                        }
+                        _ => moka::ops::compute::Op::Nop,
+                    };
+                    std::future::ready(op)
+                })
+                .await;
+            if matches!(result, moka::ops::compute::CompResult::Removed(_)) {
+                removed += 1;
+                if let Some(Some(g)) = by {
+                    *counted.entry(g).or_default() += 1;
                 }
             }
             if i % 1024 == 1023 {
                 tokio::task::yield_now().await;
             }
         }
+        {
+            let mut t = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+            for (g, n) in counted {
+                // A purge whose count a flush already closed keeps what it had.
+                if let Some(c) = t.counting.get_mut(&g) {
+                    *c += n;
+                }
+            }
+        }
+        self.close_counts(|g| round.contains(&g));
         removed
     }
 }
@@ -921,6 +1076,85 @@ mod tests {
         assert_eq!(c.get("c:1").await, Some(5));
         c.apply(&Target::All, None).await;
         assert_eq!(c.get("c:1").await, None);
+    }
+
+    async fn put(c: &LocalCache<u64>, key: &str, tags: &[&str]) {
+        let l = c.lease(key);
+        let mut loaded = Loaded::new(1);
+        for t in tags {
+            loaded = loaded.tag(*t);
+        }
+        assert_eq!(c.fill(key, &l, loaded).await, FillOutcome::Filled, "fill {key}");
+        c.release(key, &l);
+    }
+
+    const PATIENCE: Duration = Duration::from_secs(30);
+
+    fn hidden(step: Step) -> u64 {
+        match step {
+            Step::Hidden(gen) => gen,
+            _ => panic!("a tag or prefix purge is counted by the sweep"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sweep_counts_each_hidden_entry_once_for_the_first_purge_that_hid_it() {
+        let c = cache();
+        put(&c, "a:1", &["x"]).await;
+        put(&c, "a:2", &["x", "y"]).await;
+        put(&c, "a:3", &[]).await;
+        put(&c, "b:1", &["x"]).await;
+        put(&c, "b:2", &["y"]).await;
+        put(&c, "b:3", &[]).await;
+        // Two purges before the sweep task runs (this runtime has one thread and neither call
+        // yields): a:1, a:2 and b:1 are hidden by both or by x alone, and count for x.
+        let x = hidden(c.apply_now(&Target::Tag("x".into()), None));
+        let a = hidden(c.apply_now(&Target::Prefix("a:".into()), None));
+        // An entry filled after the purges is neither removed nor counted.
+        put(&c, "a:4", &["x"]).await;
+        assert_eq!(c.swept(x, PATIENCE).await, 3);
+        assert_eq!(c.swept(a, PATIENCE).await, 1);
+        // Asking again gives the same answer.
+        assert_eq!(c.swept(x, PATIENCE).await, 3);
+        for k in ["a:1", "a:2", "a:3", "b:1"] {
+            assert_eq!(c.get(k).await, None, "{k}");
+        }
+        for k in ["a:4", "b:2", "b:3"] {
+            assert_eq!(c.get(k).await, Some(1), "{k}");
+        }
+        // The entries were removed, not only hidden.
+        c.run_pending_tasks().await;
+        assert_eq!(c.entry_count(), 3);
+        // Nothing left to hide: a purge of y now counts b:2 alone.
+        let y = hidden(c.apply_now(&Target::Tag("y".into()), None));
+        assert_eq!(c.swept(y, PATIENCE).await, 1);
+    }
+
+    #[tokio::test]
+    async fn the_sweep_counts_every_entry_of_a_large_purge() {
+        let c = LocalCache::new("t", CacheConfig::new(100_000), 32);
+        for i in 0..20_000u64 {
+            let tag = if i % 2 == 0 { "even" } else { "odd" };
+            put(&c, &format!("k{i}"), &[tag]).await;
+        }
+        let even = hidden(c.apply_now(&Target::Tag("even".into()), None));
+        assert_eq!(c.swept(even, PATIENCE).await, 10_000);
+        let k = hidden(c.apply_now(&Target::Prefix("k1".into()), None));
+        // k1, k10..k19, k100..k199, k1000..k1999, k10000..k19999, the odd ones of them.
+        assert_eq!(c.swept(k, PATIENCE).await, 5_556);
+        c.run_pending_tasks().await;
+        assert_eq!(c.entry_count(), 20_000 - 10_000 - 5_556);
+    }
+
+    #[tokio::test]
+    async fn a_flush_before_the_sweep_closes_the_count() {
+        let c = cache();
+        put(&c, "a", &["x"]).await;
+        let x = hidden(c.apply_now(&Target::Tag("x".into()), None));
+        // The flush dropped the entry before the sweep could count it for x.
+        assert!(c.flush("test").flushed);
+        assert_eq!(c.swept(x, PATIENCE).await, 0);
+        assert_eq!(c.get("a").await, None);
     }
 
     #[tokio::test]

@@ -107,8 +107,8 @@ mod repair;
 mod transport;
 
 pub use bus::{
-    now_us, Applied, BuildError, Bus, BusBuilder, Cache, CacheError, InvalidateError, Peer, Published, Reservation,
-    Ticket,
+    now_us, Applied, BuildError, Bus, BusBuilder, Cache, CacheError, InvalidateError, Peer, PendingDrops, Published,
+    Reservation, Ticket,
 };
 pub use cache::{ApplyOutcome, FillOutcome, LoadError, Loaded};
 pub use codec::{

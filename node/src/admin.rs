@@ -164,11 +164,15 @@ impl Admin for AdminService {
         let mut local: HashMap<u64, invalbus::ApplyOutcome> = HashMap::new();
         for t in tickets {
             let here = t.local();
+            let hidden = t.pending_drops();
             match tokio::time::timeout(Duration::from_secs(60), t.published()).await {
                 Ok(Ok(p)) => {
                     seqs.insert(p.seq);
+                    // Entries a tag or prefix purge hid are counted by the sweep that removes
+                    // them, which has usually finished by the time NATS confirmed the batch.
+                    let swept = hidden.count().await;
                     let e = local.entry(p.seq).or_default();
-                    e.dropped += here.dropped;
+                    e.dropped += here.dropped + swept;
                     e.flushed |= here.flushed;
                 }
                 Ok(Err(e)) => {

@@ -658,6 +658,7 @@ struct Recorder {
 }
 
 type AckFuture = futures::future::BoxFuture<'static, bool>;
+type CountFuture = futures::future::BoxFuture<'static, Receipt>;
 
 impl Recorder {
     async fn run(
@@ -667,6 +668,9 @@ impl Recorder {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut acks: FuturesUnordered<AckFuture> = FuturesUnordered::new();
+        // Receipts of batches with tag or prefix purges, waiting for the sweeps to count the
+        // entries those hid.
+        let mut counting: FuturesUnordered<CountFuture> = FuturesUnordered::new();
         loop {
             if acks.len() >= MAX_PENDING_ACKS {
                 if let Some(ok) = acks.next().await {
@@ -675,10 +679,11 @@ impl Recorder {
                 continue;
             }
             tokio::select! {
-                a = applied.recv() => match a {
+                a = applied.recv(), if counting.len() < MAX_PENDING_ACKS => match a {
                     Ok(a) => {
-                        let r = receipt_of(&self.node_id, &a);
-                        if let Some(f) = self.publish(r).await { acks.push(f) }
+                        if let Some(r) = self.receipt(a, &counting) {
+                            if let Some(f) = self.publish(r).await { acks.push(f) }
+                        }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         self.counters.receipts_lagged.fetch_add(n, Ordering::Relaxed);
@@ -686,6 +691,9 @@ impl Recorder {
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
+                Some(r) = counting.next(), if !counting.is_empty() => {
+                    if let Some(f) = self.publish(r).await { acks.push(f) }
+                }
                 Some(r) = local.recv() => {
                     if let Some(f) = self.publish(r).await { acks.push(f) }
                 }
@@ -693,11 +701,12 @@ impl Recorder {
                 _ = stopped(&mut shutdown) => break,
             }
         }
-        // Write what is queued, then wait a bounded time for the acknowledgements.
+        // Write what is queued, then wait a bounded time for the counts and acknowledgements.
         while let Ok(a) = applied.try_recv() {
-            let r = receipt_of(&self.node_id, &a);
-            if let Some(f) = self.publish(r).await {
-                acks.push(f)
+            if let Some(r) = self.receipt(a, &counting) {
+                if let Some(f) = self.publish(r).await {
+                    acks.push(f)
+                }
             }
         }
         local.close();
@@ -707,11 +716,31 @@ impl Recorder {
             }
         }
         let drain = async {
+            while let Some(r) = counting.next().await {
+                if let Some(f) = self.publish(r).await {
+                    acks.push(f)
+                }
+            }
             while let Some(ok) = acks.next().await {
                 self.count(ok);
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    }
+
+    /// The receipt of `a`, or `None` when it waits in `counting` for the sweeps to count what
+    /// its tag and prefix purges hid.
+    fn receipt(&self, a: Applied, counting: &FuturesUnordered<CountFuture>) -> Option<Receipt> {
+        if a.pending.is_empty() {
+            return Some(receipt_of(&self.node_id, &a));
+        }
+        let node = self.node_id.clone();
+        counting.push(Box::pin(async move {
+            let mut r = receipt_of(&node, &a);
+            r.dropped += a.pending.count().await;
+            r
+        }));
+        None
     }
 
     fn count(&self, ok: bool) {

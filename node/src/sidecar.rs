@@ -124,9 +124,11 @@ impl SidecarService {
             InvalidateError::Invalid(m) => self.state.auth.refusals.invalid(method, who, m),
             e => Status::unavailable(e.to_string()),
         })?;
-        let here = ticket.local();
+        let mut here = ticket.local();
+        let hidden = ticket.pending_drops();
         match tokio::time::timeout(Duration::from_secs(30), ticket.published()).await {
             Ok(Ok(p)) => {
+                here.dropped += hidden.count().await;
                 let st = &self.state;
                 st.audit
                     .record_local(st.audit.local_receipt(st.bus.epoch(), p.seq, applied_us, 1, "", here));

@@ -1,7 +1,7 @@
 //! The node against a real nats-server: purges through the admin API reach every node and are
 //! audited with receipts that survive a restart; tokens, roles and bad input are refused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use invalbus::Loaded;
@@ -110,6 +110,10 @@ async fn query_by_purge(client: &mut AdminClient<Channel>, purge_id: &str) -> Qu
         .into_inner()
 }
 
+fn dropped_by_node(receipts: &[Receipt]) -> BTreeMap<String, u64> {
+    receipts.iter().map(|r| (r.node.clone(), r.dropped)).collect()
+}
+
 fn receipt_nodes(r: &AuditRecord) -> BTreeSet<String> {
     r.receipts.iter().map(|r| r.node.clone()).collect()
 }
@@ -128,10 +132,17 @@ async fn purge_by_tag_reaches_every_node_and_its_audit_survives_a_restart() {
         let seen = eventually(DEADLINE, || async { n.bus().peers().len() == 2 }).await;
         assert!(seen, "{} never heard of both peers", n.bus().node_id());
     }
-    for n in &nodes {
+    // Each node holds post:1..3 and a number of its own entries by author 42, so each receipt
+    // has its own count: n1 drops 2, n2 3, n3 4.
+    let mut want_dropped = BTreeMap::new();
+    for (i, n) in nodes.iter().enumerate() {
         fill(n, "post:1", "author:42").await;
         fill(n, "post:2", "author:42").await;
         fill(n, "post:3", "author:7").await;
+        for j in 0..i {
+            fill(n, &format!("draft:{j}"), "author:42").await;
+        }
+        want_dropped.insert(n.bus().node_id().to_owned(), 2 + i as u64);
     }
 
     let mut client = admin(&nodes[0]).await;
@@ -157,6 +168,8 @@ async fn purge_by_tag_reaches_every_node_and_its_audit_survives_a_restart() {
     );
     let applied: BTreeSet<_> = resp.receipts.iter().map(|r| r.node.clone()).collect();
     assert_eq!(applied, ids.iter().map(|s| s.to_string()).collect());
+    // The tag purge hid the entries at once; each receipt says how many the node dropped.
+    assert_eq!(dropped_by_node(&resp.receipts), want_dropped, "response: {resp:?}");
 
     // Every node applied it (its receipt says so): the tagged entries are gone, the others stay.
     for n in &nodes {
@@ -192,6 +205,7 @@ async fn purge_by_tag_reaches_every_node_and_its_audit_survives_a_restart() {
     };
     assert!(complete, "audit never showed three receipts: {last:?}");
     let rec = &last.records[0];
+    assert_eq!(dropped_by_node(&rec.receipts), want_dropped, "record: {rec:?}");
     assert_eq!(rec.origin, "n1");
     assert_eq!(rec.invalidations.len(), 1);
     let inv = &rec.invalidations[0];
@@ -265,6 +279,41 @@ async fn purge_by_tag_reaches_every_node_and_its_audit_survives_a_restart() {
     let after = query_by_purge(&mut client, &resp.purge_id).await;
     assert_eq!(after.records.len(), 1, "audit lost across the restart: {after:?}");
     assert_eq!(receipt_nodes(&after.records[0]), want);
+    assert_eq!(dropped_by_node(&after.records[0].receipts), want_dropped);
+
+    // A prefix purge counts too: n2 and n3 still hold post:3; the restarted n1 holds nothing.
+    let seen = eventually(DEADLINE, || async { restarted.bus().peers().len() == 2 }).await;
+    assert!(seen, "the restarted n1 never heard of both peers");
+    for n in &nodes {
+        fill(n, "page:1", "author:7").await;
+    }
+    let resp = client
+        .purge(authed(
+            PurgeRequest {
+                prefixes: vec!["post:".into()],
+                reason: "posts moved".into(),
+                wait: true,
+                wait_timeout_ms: 15_000,
+                ..Default::default()
+            },
+            Some(OPS),
+        ))
+        .await
+        .expect("prefix purge")
+        .into_inner();
+    assert!(resp.missing_nodes.is_empty(), "response: {resp:?}");
+    let want_dropped = BTreeMap::from([("n1".to_owned(), 0), ("n2".to_owned(), 1), ("n3".to_owned(), 1)]);
+    assert_eq!(dropped_by_node(&resp.receipts), want_dropped, "response: {resp:?}");
+    for n in &nodes {
+        let c = n.cache("articles").unwrap();
+        assert_eq!(
+            c.get("post:3").await,
+            None,
+            "post:3 still cached on {}",
+            n.bus().node_id()
+        );
+        assert!(c.get("page:1").await.is_some(), "page:1 lost on {}", n.bus().node_id());
+    }
 
     restarted.shutdown().await;
     for n in nodes {

@@ -239,8 +239,7 @@ async fn waiting_purge_names_a_dead_node_missing_within_its_deadline() {
     let began = Instant::now();
     let resp = client
         .purge(authed(
-            // A key, not a tag: a key purge removes the entry at once, so each receipt can say
-            // it dropped one (a tag purge hides entries and leaves their removal to a sweep).
+            // Each live node holds post:1, so each receipt says it dropped one entry.
             PurgeRequest {
                 keys: vec!["post:1".into()],
                 reason: "n3 died".into(),
