@@ -19,6 +19,7 @@ use crate::cache::{ApplyOutcome, FillOutcome, Lease, LoadError, Loaded, LocalCac
 use crate::codec::{self, Batch, DecodeError, Heartbeat, Invalidation, Target};
 use crate::config::{CacheConfig, JetStreamConfig, Limits};
 use crate::metrics::{BusMetrics, BusStats, CacheStats};
+use crate::receipts::{self, Receipt, Recorder};
 use crate::repair::{self, Admit, Health, Origins, ReplayError};
 use crate::transport::{InProcessHub, Link, LinkEvent, PublishError, Subjects};
 
@@ -193,6 +194,8 @@ pub struct Peer {
     pub caches: Vec<(String, u64)>,
     /// When this node last heard from it (µs since the Unix epoch, our clock).
     pub last_seen_us: u64,
+    /// Whether it writes a receipt for every batch it applies.
+    pub writes_receipts: bool,
 }
 
 /// Applies one invalidation to one cache; waits (and boxes a future) only when an entry must be
@@ -282,6 +285,7 @@ pub struct BusBuilder {
     actor: String,
     jetstream: Option<JetStreamConfig>,
     max_staleness: Duration,
+    receipts: bool,
 }
 
 impl Default for BusBuilder {
@@ -300,6 +304,7 @@ impl Default for BusBuilder {
             actor: String::new(),
             jetstream: None,
             max_staleness: Duration::from_secs(1),
+            receipts: true,
         }
     }
 }
@@ -415,6 +420,20 @@ impl BusBuilder {
         self
     }
 
+    /// Whether this node writes a receipt for every batch it applies (default: yes, on NATS).
+    /// Receipts are the audit log's answer to "did every node apply it?", and what a purge
+    /// made with `--wait` waits for; with JetStream they go to the stream
+    /// `INVALBUS_<ns>_RECEIPTS` (same retention and replicas as the batch stream). A node that
+    /// writes none says so in its heartbeats, so nobody waits for its receipts.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().receipts(false);
+    /// ```
+    pub fn receipts(mut self, on: bool) -> Self {
+        self.receipts = on;
+        self
+    }
+
     /// The actor recorded on this node's invalidations when a call names none (default: the
     /// node id).
     ///
@@ -522,9 +541,20 @@ impl BusBuilder {
                 let js = jetstream::ContextBuilder::new()
                     .timeout(config.ack_timeout)
                     .build(client.clone());
-                let stream = repair::ensure_stream(&js, &self.namespace, subjects.all_inv(), config)
+                let stream =
+                    repair::ensure_stream(&js, repair::stream_name(&self.namespace), subjects.all_inv(), config)
+                        .await
+                        .map_err(|e| BuildError::Config(format!("JetStream stream: {e}")))?;
+                if self.receipts {
+                    repair::ensure_stream(
+                        &js,
+                        receipts::receipts_stream(&self.namespace),
+                        receipts::all_receipts(&self.namespace),
+                        config,
+                    )
                     .await
-                    .map_err(|e| BuildError::Config(format!("JetStream stream: {e}")))?;
+                    .map_err(|e| BuildError::Config(format!("JetStream receipts stream: {e}")))?;
+                }
                 Some(Durable {
                     js,
                     stream,
@@ -554,6 +584,14 @@ impl BusBuilder {
             self.actor.clone()
         };
         let started_us = now_us();
+        // Receipts need NATS: the in-process hub has no audit log.
+        let recorder = match (&link, self.receipts) {
+            (Link::Nats(client), true) => {
+                let (tx, rx) = mpsc::channel(4096);
+                Some((tx, rx, client.clone()))
+            }
+            _ => None,
+        };
         let inner = Arc::new(BusInner {
             node_id,
             namespace: self.namespace,
@@ -568,7 +606,8 @@ impl BusBuilder {
             outbox: out_tx,
             outbound_capacity: self.outbound_queue,
             last_seq: AtomicU64::new(0),
-            metrics: BusMetrics::default(),
+            metrics: Arc::new(BusMetrics::default()),
+            receipts: recorder.as_ref().map(|(tx, _, _)| tx.clone()),
             applied: broadcast::channel(4096).0,
             origins: Mutex::new(Origins::default()),
             shutdown: shutdown_tx,
@@ -580,6 +619,21 @@ impl BusBuilder {
         });
         let mut tasks = Vec::new();
         let span = tracing::info_span!("bus", node = %inner.node_id, ns = %inner.namespace);
+        if let Some((_, rx, client)) = recorder {
+            // Subscribed before the receiver starts, so it sees every batch applied.
+            let recorder = Recorder {
+                namespace: inner.namespace.clone(),
+                node_id: inner.node_id.clone(),
+                client,
+                js: inner.durable.as_ref().map(|d| d.js.clone()),
+                metrics: inner.metrics.clone(),
+            };
+            tasks.push(tokio::spawn(
+                recorder
+                    .run(inner.applied.subscribe(), rx, shutdown_rx.clone())
+                    .instrument(span.clone()),
+            ));
+        }
         tasks.push(tokio::spawn(
             publisher(inner.clone(), out_rx, shutdown_rx.clone()).instrument(span.clone()),
         ));
@@ -627,7 +681,9 @@ struct BusInner {
     outbox: mpsc::Sender<Outgoing>,
     outbound_capacity: usize,
     last_seq: AtomicU64,
-    metrics: BusMetrics,
+    metrics: Arc<BusMetrics>,
+    /// The receipt recorder's queue of this node's own receipts (None: it writes no receipts).
+    receipts: Option<mpsc::Sender<Receipt>>,
     applied: broadcast::Sender<Applied>,
     origins: Mutex<Origins>,
     shutdown: watch::Sender<bool>,
@@ -814,10 +870,33 @@ impl Bus {
                 address: p.address.clone(),
                 caches: p.caches.clone(),
                 last_seen_us: p.last_seen_us,
+                writes_receipts: p.writes_receipts,
             })
             .collect();
         v.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         v
+    }
+
+    /// Whether this node writes a receipt for every batch it applies ([`BusBuilder::receipts`]).
+    pub fn writes_receipts(&self) -> bool {
+        self.inner.receipts.is_some()
+    }
+
+    /// Queues this node's own receipt of a batch it published (it applied the batch before
+    /// publishing it, so the receiver reports no [`Applied`] for it): for example an admin
+    /// purge's, with what it dropped here. Returns false, and counts it as lagged, when this
+    /// node writes no receipts or the queue is full.
+    pub fn record_receipt(&self, receipt: Receipt) -> bool {
+        let queued = self
+            .inner
+            .receipts
+            .as_ref()
+            .is_some_and(|q| q.try_send(receipt).is_ok());
+        if !queued && self.inner.receipts.is_some() {
+            self.inner.metrics.receipts_lagged.inc();
+            tracing::warn!(node = %self.inner.node_id, "receipt queue full: own receipt not written");
+        }
+        queued
     }
 
     /// The sequence of the last batch this node published.
@@ -1176,6 +1255,7 @@ async fn heartbeats(inner: Arc<BusInner>, mut shutdown: watch::Receiver<bool>) {
                 .iter()
                 .map(|(n, c)| (n.clone(), c.entry_count()))
                 .collect(),
+            writes_receipts: inner.receipts.is_some(),
         };
         if let Err(e) = inner.link.publish(subject.clone(), codec::encode_heartbeat(&hb)).await {
             tracing::debug!(error = %e, "heartbeat not published");
@@ -1380,6 +1460,7 @@ async fn on_heartbeat(inner: &BusInner, hb: Heartbeat) {
             o.announced_seq = hb.last_seq;
             o.address = hb.address.clone();
             o.caches = hb.caches.clone();
+            o.writes_receipts = hb.writes_receipts;
             o.last_seen_us = now;
         }
         action

@@ -107,6 +107,8 @@ pub struct Heartbeat {
     pub namespace: String,
     /// Cache names and entry counts.
     pub caches: Vec<(String, u64)>,
+    /// Whether the sender writes a receipt for every batch it applies.
+    pub writes_receipts: bool,
 }
 
 /// Why a message from the network was refused.
@@ -291,6 +293,7 @@ pub fn encode_heartbeat(hb: &Heartbeat) -> Bytes {
                 entries: *entries,
             })
             .collect(),
+        writes_receipts: hb.writes_receipts,
     };
     Bytes::from(msg.encode_to_vec())
 }
@@ -318,6 +321,7 @@ pub fn decode_heartbeat(payload: &[u8], namespace: &str, limits: &Limits) -> Res
         address: msg.address,
         namespace: msg.namespace,
         caches: msg.caches.into_iter().map(|c| (c.name, c.entries)).collect(),
+        writes_receipts: msg.writes_receipts,
     })
 }
 

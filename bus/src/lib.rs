@@ -48,6 +48,8 @@
 //! - `bus`: [`Bus`] and [`Cache`]: the publisher task that batches this node's invalidations
 //!   (acknowledged by the stream when one is configured), the receiver task that applies its
 //!   peers' and repairs what it finds missing, heartbeats, the watchdog, and the peer table.
+//! - `receipts`: the recorder that writes a [`Receipt`] for every batch this node applies (the
+//!   audit log's "who applied it, when, and what it dropped"), to JetStream when configured.
 //!
 //! # Guarantees
 //! **When an invalidation call returns** (`invalidate_key`, `_version`, `_tag`, `_prefix`,
@@ -103,6 +105,7 @@ mod cache;
 mod codec;
 mod config;
 mod metrics;
+mod receipts;
 mod repair;
 mod transport;
 
@@ -116,6 +119,7 @@ pub use codec::{
 };
 pub use config::{CacheConfig, JetStreamConfig, Limits};
 pub use metrics::{BusStats, CacheStats, LatencySnapshot};
+pub use receipts::{all_receipts, receipt_subject, receipts_stream, Receipt};
 pub use transport::{InProcessHub, PublishError};
 
 // The README's usage example is compiled and run as a doctest too.

@@ -200,6 +200,9 @@ pub(crate) struct BusMetrics {
     pub replayed: Counter,
     pub repairs: Counter,
     pub repair_flushes: Counter,
+    pub receipts_published: Counter,
+    pub receipts_failed: Counter,
+    pub receipts_lagged: Counter,
     pub propagation: Latency,
 }
 
@@ -244,6 +247,12 @@ pub struct BusStats {
     pub repair_flushes: u64,
     /// Time spent not serving from cache (cut off or repairing), in microseconds.
     pub suspect_us: u64,
+    /// Receipts written (acknowledged by the receipts stream, with JetStream).
+    pub receipts_published: u64,
+    /// Receipts that failed or were not acknowledged.
+    pub receipts_failed: u64,
+    /// Applied batches the receipt recorder fell too far behind to see (no receipt written).
+    pub receipts_lagged: u64,
     /// Whether the caches serve right now.
     pub serving: bool,
     /// Publish-to-applied latency of peers' batches here (sender's clock to ours).
@@ -271,6 +280,9 @@ impl BusMetrics {
             replayed: self.replayed.get(),
             repairs: self.repairs.get(),
             repair_flushes: self.repair_flushes.get(),
+            receipts_published: self.receipts_published.get(),
+            receipts_failed: self.receipts_failed.get(),
+            receipts_lagged: self.receipts_lagged.get(),
             suspect_us: 0,
             serving: true,
             propagation: self.propagation.snapshot(),

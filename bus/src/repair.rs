@@ -107,6 +107,7 @@ pub(crate) struct OriginState {
     pub address: String,
     pub caches: Vec<(String, u64)>,
     pub last_seen_us: u64,
+    pub writes_receipts: bool,
 }
 
 /// What to do with a batch, given what was applied before.
@@ -200,15 +201,16 @@ pub(crate) fn stream_name(namespace: &str) -> String {
     format!("INVALBUS_{namespace}")
 }
 
-/// Creates the namespace's stream, or updates its limits if it exists.
+/// Creates a stream of the namespace (its batches, or its receipts), or updates its limits if it
+/// exists.
 pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
-    namespace: &str,
+    name: String,
     subjects: String,
     config: &crate::config::JetStreamConfig,
 ) -> Result<jetstream::stream::Stream, String> {
     let cfg = jetstream::stream::Config {
-        name: stream_name(namespace),
+        name,
         subjects: vec![subjects],
         max_age: config.max_age,
         max_bytes: config.max_bytes,

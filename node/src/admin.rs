@@ -193,8 +193,8 @@ impl Admin for AdminService {
         for &seq in &seqs {
             let here = local.get(&seq).copied().unwrap_or_default();
             let rc = st.audit.local_receipt(epoch, seq, applied_us, n, &purge_id, here);
-            st.audit.record_local(rc.clone());
-            receipts.push(rc);
+            st.bus.record_receipt(rc.clone());
+            receipts.push(crate::audit::to_pb(rc));
         }
         let mut missing = Vec::new();
         if let Some(sub) = sub.as_mut() {
@@ -203,7 +203,7 @@ impl Admin for AdminService {
             } else {
                 r.wait_timeout_ms
             }));
-            let expected = st.live_nodes();
+            let expected = st.receipt_writers();
             let mut covered: HashMap<String, HashSet<u64>> = HashMap::new();
             covered.insert(node.clone(), seqs.iter().copied().collect());
             let done = |c: &HashMap<String, HashSet<u64>>| {

@@ -1,5 +1,6 @@
-//! The audit log: the batch stream is the record of every invalidation; each node adds one
-//! receipt per batch it applies to a receipts stream. Queries read both, newest first.
+//! The audit log: the batch stream is the record of every invalidation; each node (every bus,
+//! library or node) adds one receipt per batch it applies to a receipts stream. Queries read
+//! both, newest first.
 //!
 //! Subjects (all under `invalbus.<ns>.audit.`, which has more than two tokens after the
 //! namespace, so the bus's receiver (`invalbus.<ns>.*.*`) never sees receipts):
@@ -7,17 +8,14 @@
 //! so the receipts of one batch are one subject filter away.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
-use invalbus::{Applied, Batch, Invalidation, Limits, Target};
+use invalbus::{Batch, Invalidation, Limits, Target};
 use prost::Message;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::pb::admin::{AuditFilter, AuditInvalidation, AuditRecord, Receipt};
 
@@ -27,8 +25,6 @@ const CHUNK: u64 = 256;
 const MAX_SCAN: u64 = 20_000;
 /// Publisher clocks may disagree with ours: a `since` bound stops the scan only this far past it.
 const CLOCK_MARGIN_US: u64 = 10 * 60 * 1_000_000;
-/// Most receipt acknowledgements awaited at once; beyond that, recording waits (never the bus).
-const MAX_PENDING_ACKS: usize = 4096;
 
 /// Subjects of the audit log of one namespace.
 #[derive(Debug, Clone)]
@@ -45,7 +41,7 @@ impl AuditSubjects {
     }
     /// Where `node` records its receipt of batch `(origin, epoch, seq)`.
     pub fn receipt(&self, origin: &str, epoch: u64, seq: u64, node: &str) -> String {
-        format!("invalbus.{}.audit.receipt.{origin}.{epoch}.{seq}.{node}", self.ns)
+        invalbus::receipt_subject(&self.ns, origin, epoch, seq, node)
     }
     /// Every receipt of one batch.
     pub fn receipts_of(&self, origin: &str, epoch: u64, seq: u64) -> String {
@@ -57,7 +53,7 @@ impl AuditSubjects {
     }
     /// Every receipt.
     pub fn all_receipts(&self) -> String {
-        format!("invalbus.{}.audit.receipt.>", self.ns)
+        invalbus::all_receipts(&self.ns)
     }
     /// Every batch (the bus's stream subjects).
     pub fn all_batches(&self) -> String {
@@ -65,7 +61,7 @@ impl AuditSubjects {
     }
     /// Name of the receipts stream.
     pub fn receipts_stream(&self) -> String {
-        format!("INVALBUS_{}_RECEIPTS", self.ns)
+        invalbus::receipts_stream(&self.ns)
     }
     /// Name of the batch stream (created by the bus).
     pub fn batch_stream(&self) -> String {
@@ -82,17 +78,6 @@ pub enum AuditError {
     /// The stream did not answer.
     #[error("audit stream unavailable: {0}")]
     Unavailable(String),
-}
-
-/// Counters of the recorder.
-#[derive(Debug, Default)]
-pub struct AuditCounters {
-    /// Receipts the stream acknowledged (or that were published, without JetStream).
-    pub receipts_published: AtomicU64,
-    /// Receipts that failed or were not acknowledged.
-    pub receipts_failed: AtomicU64,
-    /// Applied batches the recorder fell too far behind to see (no receipt written).
-    pub receipts_lagged: AtomicU64,
 }
 
 /// A validated filter of the audit log.
@@ -256,24 +241,25 @@ fn audit_invalidation(i: &Invalidation) -> AuditInvalidation {
     }
 }
 
-/// The receipt of a batch applied from a peer.
-pub fn receipt_of(node: &str, a: &Applied) -> Receipt {
+/// A receipt as the admin API shows it (the same fields as the library's).
+pub fn to_pb(r: invalbus::Receipt) -> Receipt {
     Receipt {
-        node: node.to_owned(),
-        origin: a.origin.clone(),
-        epoch: a.epoch,
-        seq: a.seq,
-        published_us: a.published_us,
-        applied_us: a.applied_us,
-        dropped: a.dropped,
-        flushed: a.flushed,
-        invalidations: a.invalidations as u32,
-        purge_ids: a.purge_ids.clone(),
-        local: false,
+        node: r.node,
+        origin: r.origin,
+        epoch: r.epoch,
+        seq: r.seq,
+        published_us: r.published_us,
+        applied_us: r.applied_us,
+        dropped: r.dropped,
+        flushed: r.flushed,
+        invalidations: r.invalidations,
+        purge_ids: r.purge_ids,
+        local: r.local,
     }
 }
 
-/// The audit log as one node sees it: it records this node's receipts and answers queries.
+/// The audit log as one node sees it: it answers queries and live tails. (The bus writes the
+/// receipts, this node's among them.)
 pub struct Audit {
     subjects: AuditSubjects,
     namespace: String,
@@ -282,78 +268,21 @@ pub struct Audit {
     js: jetstream::Context,
     durable: bool,
     limits: Limits,
-    local: mpsc::Sender<Receipt>,
-    /// What the recorder did.
-    pub counters: Arc<AuditCounters>,
 }
 
 impl Audit {
-    /// Sets up the receipts stream (with JetStream) and starts the recorder, which writes one
-    /// receipt per batch `applied` reports, and one per local receipt handed to
-    /// [`Audit::record_local`]. The recorder stops when `shutdown` turns true, after writing what
-    /// is queued.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn start(
-        client: async_nats::Client,
-        namespace: &str,
-        node_id: &str,
-        js_config: Option<&invalbus::JetStreamConfig>,
-        limits: Limits,
-        applied: broadcast::Receiver<Applied>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Result<(Audit, tokio::task::JoinHandle<()>), String> {
-        let subjects = AuditSubjects::new(namespace);
-        let js = jetstream::new(client.clone());
-        if let Some(c) = js_config {
-            let cfg = jetstream::stream::Config {
-                name: subjects.receipts_stream(),
-                subjects: vec![subjects.all_receipts()],
-                max_age: c.max_age,
-                max_bytes: c.max_bytes,
-                num_replicas: c.replicas,
-                duplicate_window: Duration::from_secs(120),
-                storage: jetstream::stream::StorageType::File,
-                discard: jetstream::stream::DiscardPolicy::Old,
-                ..Default::default()
-            };
-            match js.get_stream(&cfg.name).await {
-                Ok(mut s) => {
-                    let info = s.info().await.map_err(|e| e.to_string())?;
-                    let c = &info.config;
-                    if c.max_age != cfg.max_age || c.max_bytes != cfg.max_bytes || c.num_replicas != cfg.num_replicas {
-                        js.update_stream(cfg).await.map_err(|e| e.to_string())?;
-                    }
-                }
-                Err(_) => {
-                    js.get_or_create_stream(cfg).await.map_err(|e| e.to_string())?;
-                }
-            }
-        }
-        let (local, local_rx) = mpsc::channel(4096);
-        let counters = Arc::new(AuditCounters::default());
-        let recorder = Recorder {
-            subjects: subjects.clone(),
+    /// The audit log of `namespace` over `client`; `durable` when the bus keeps its batches and
+    /// receipts in JetStream (it creates both streams).
+    pub fn new(client: async_nats::Client, namespace: &str, node_id: &str, durable: bool, limits: Limits) -> Audit {
+        Audit {
+            subjects: AuditSubjects::new(namespace),
+            namespace: namespace.to_owned(),
             node_id: node_id.to_owned(),
-            client: client.clone(),
-            js: js.clone(),
-            durable: js_config.is_some(),
-            counters: counters.clone(),
-        };
-        let task = tokio::spawn(recorder.run(applied, local_rx, shutdown));
-        Ok((
-            Audit {
-                subjects,
-                namespace: namespace.to_owned(),
-                node_id: node_id.to_owned(),
-                client,
-                js,
-                durable: js_config.is_some(),
-                limits,
-                local,
-                counters,
-            },
-            task,
-        ))
+            js: jetstream::new(client.clone()),
+            client,
+            durable,
+            limits,
+        }
     }
 
     /// The subjects in use.
@@ -366,14 +295,6 @@ impl Audit {
         &self.client
     }
 
-    /// Queues this node's own receipt of a batch it published (the bus applies it locally before
-    /// publishing, so it reports no `Applied` for it).
-    pub fn record_local(&self, receipt: Receipt) {
-        if self.local.try_send(receipt).is_err() {
-            self.counters.receipts_lagged.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// A local receipt of this node's batch `seq`.
     pub fn local_receipt(
         &self,
@@ -383,8 +304,8 @@ impl Audit {
         invalidations: u32,
         purge_id: &str,
         here: invalbus::ApplyOutcome,
-    ) -> Receipt {
-        Receipt {
+    ) -> invalbus::Receipt {
+        invalbus::Receipt {
             node: self.node_id.clone(),
             origin: self.node_id.clone(),
             epoch,
@@ -644,143 +565,6 @@ async fn read_range(
 /// Resolves once `rx` holds true (or its sender is gone).
 pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
-}
-
-/// Writes receipts: one per applied batch, without ever making the bus wait (it reads a
-/// broadcast channel; if it falls behind, it counts what it missed).
-struct Recorder {
-    subjects: AuditSubjects,
-    node_id: String,
-    client: async_nats::Client,
-    js: jetstream::Context,
-    durable: bool,
-    counters: Arc<AuditCounters>,
-}
-
-type AckFuture = futures::future::BoxFuture<'static, bool>;
-type CountFuture = futures::future::BoxFuture<'static, Receipt>;
-
-impl Recorder {
-    async fn run(
-        self,
-        mut applied: broadcast::Receiver<Applied>,
-        mut local: mpsc::Receiver<Receipt>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let mut acks: FuturesUnordered<AckFuture> = FuturesUnordered::new();
-        // Receipts of batches with tag or prefix purges, waiting for the sweeps to count the
-        // entries those hid.
-        let mut counting: FuturesUnordered<CountFuture> = FuturesUnordered::new();
-        loop {
-            if acks.len() >= MAX_PENDING_ACKS {
-                if let Some(ok) = acks.next().await {
-                    self.count(ok);
-                }
-                continue;
-            }
-            tokio::select! {
-                a = applied.recv(), if counting.len() < MAX_PENDING_ACKS => match a {
-                    Ok(a) => {
-                        if let Some(r) = self.receipt(a, &counting) {
-                            if let Some(f) = self.publish(r).await { acks.push(f) }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        self.counters.receipts_lagged.fetch_add(n, Ordering::Relaxed);
-                        tracing::warn!(node = %self.node_id, missed = n, "audit recorder fell behind; receipts not written");
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                },
-                Some(r) = counting.next(), if !counting.is_empty() => {
-                    if let Some(f) = self.publish(r).await { acks.push(f) }
-                }
-                Some(r) = local.recv() => {
-                    if let Some(f) = self.publish(r).await { acks.push(f) }
-                }
-                Some(ok) = acks.next(), if !acks.is_empty() => self.count(ok),
-                _ = stopped(&mut shutdown) => break,
-            }
-        }
-        // Write what is queued, then wait a bounded time for the counts and acknowledgements.
-        while let Ok(a) = applied.try_recv() {
-            if let Some(r) = self.receipt(a, &counting) {
-                if let Some(f) = self.publish(r).await {
-                    acks.push(f)
-                }
-            }
-        }
-        local.close();
-        while let Some(r) = local.recv().await {
-            if let Some(f) = self.publish(r).await {
-                acks.push(f)
-            }
-        }
-        let drain = async {
-            while let Some(r) = counting.next().await {
-                if let Some(f) = self.publish(r).await {
-                    acks.push(f)
-                }
-            }
-            while let Some(ok) = acks.next().await {
-                self.count(ok);
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
-    }
-
-    /// The receipt of `a`, or `None` when it waits in `counting` for the sweeps to count what
-    /// its tag and prefix purges hid.
-    fn receipt(&self, a: Applied, counting: &FuturesUnordered<CountFuture>) -> Option<Receipt> {
-        if a.pending.is_empty() {
-            return Some(receipt_of(&self.node_id, &a));
-        }
-        let node = self.node_id.clone();
-        counting.push(Box::pin(async move {
-            let mut r = receipt_of(&node, &a);
-            r.dropped += a.pending.count().await;
-            r
-        }));
-        None
-    }
-
-    fn count(&self, ok: bool) {
-        if ok {
-            self.counters.receipts_published.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.counters.receipts_failed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Sends one receipt; returns the future of its acknowledgement.
-    async fn publish(&self, r: Receipt) -> Option<AckFuture> {
-        let subject = self.subjects.receipt(&r.origin, r.epoch, r.seq, &r.node);
-        let payload = Bytes::from(r.encode_to_vec());
-        if !self.durable {
-            let ok = self.client.publish(subject, payload).await.is_ok();
-            self.count(ok);
-            return None;
-        }
-        // The id makes a receipt sent twice (a retry, a replay) count once.
-        let id = format!(
-            "{}.{}.{}.{}.{}",
-            r.node,
-            r.origin,
-            r.epoch,
-            r.seq,
-            r.purge_ids.first().map(String::as_str).unwrap_or("")
-        );
-        let msg = jetstream::message::PublishMessage::build()
-            .payload(payload)
-            .message_id(id);
-        match self.js.send_publish(subject, msg).await {
-            Ok(ack) => Some(Box::pin(async move { ack.await.is_ok() })),
-            Err(e) => {
-                tracing::warn!(node = %self.node_id, error = %e, "receipt not written");
-                self.count(false);
-                None
-            }
-        }
-    }
 }
 
 #[cfg(test)]

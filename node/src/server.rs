@@ -1,4 +1,4 @@
-//! Runs a node: joins the bus, starts the audit recorder, serves gRPC (admin, sidecar, health,
+//! Runs a node: joins the bus (which writes its receipts), serves gRPC (admin, sidecar, health,
 //! reflection) and Prometheus metrics, and shuts all of it down in order.
 
 use std::collections::HashMap;
@@ -46,10 +46,8 @@ pub struct Node {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     stop_serving: watch::Sender<bool>,
-    stop_recording: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     metrics: Option<JoinHandle<()>>,
-    recorder: JoinHandle<()>,
     health: tonic_health::server::HealthReporter,
 }
 
@@ -93,7 +91,6 @@ impl Node {
             builder = builder.jetstream(js.clone());
         }
         let bus = builder.build().await?;
-        let applied = bus.subscribe_applied();
         let mut caches = HashMap::new();
         for c in &config.caches {
             let cache = bus
@@ -112,18 +109,13 @@ impl Node {
             .connect(config.nats_url())
             .await
             .map_err(|e| NodeError::Nats(e.to_string()))?;
-        let (stop_recording, recording) = watch::channel(false);
-        let (audit, recorder) = Audit::start(
+        let audit = Audit::new(
             client,
             &config.namespace,
             bus.node_id(),
-            js_config.as_ref(),
+            js_config.is_some(),
             bus.limits().clone(),
-            applied,
-            recording,
-        )
-        .await
-        .map_err(NodeError::Nats)?;
+        );
         let state = Arc::new(NodeState {
             auth: Auth::new(config.tokens.clone(), config.insecure),
             bus,
@@ -182,10 +174,8 @@ impl Node {
             addr,
             metrics_addr,
             stop_serving,
-            stop_recording,
             server,
             metrics,
-            recorder,
             health,
         })
     }
@@ -222,9 +212,8 @@ impl Node {
         if let Some(m) = self.metrics {
             m.abort();
         }
+        // The bus publishes what is queued and writes the receipts still pending.
         self.state.bus.shutdown().await;
-        let _ = self.stop_recording.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.recorder).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.state.audit.client().drain()).await;
         tracing::info!(node = %node, "stopped");
     }

@@ -130,8 +130,8 @@ impl SidecarService {
             Ok(Ok(p)) => {
                 here.dropped += hidden.count().await;
                 let st = &self.state;
-                st.audit
-                    .record_local(st.audit.local_receipt(st.bus.epoch(), p.seq, applied_us, 1, "", here));
+                st.bus
+                    .record_receipt(st.audit.local_receipt(st.bus.epoch(), p.seq, applied_us, 1, "", here));
                 Ok(Response::new(InvalidateResponse { seq: p.seq }))
             }
             Ok(Err(e)) => Err(Status::unavailable(format!(

@@ -49,8 +49,9 @@ impl NodeState {
         names
     }
 
-    /// This node and the peers heard from within three heartbeat intervals (plus a second).
-    pub fn live_nodes(&self) -> Vec<String> {
+    /// The nodes a waiting purge expects receipts from: this node and the peers that write
+    /// receipts and were heard from within three heartbeat intervals (plus a second).
+    pub fn receipt_writers(&self) -> Vec<String> {
         let window = (self.config.heartbeat_interval * 3).as_micros() as u64 + 1_000_000;
         let now = invalbus::now_us();
         let mut v = vec![self.bus.node_id().to_owned()];
@@ -58,7 +59,7 @@ impl NodeState {
             self.bus
                 .peers()
                 .into_iter()
-                .filter(|p| now.saturating_sub(p.last_seen_us) <= window)
+                .filter(|p| p.writes_receipts && now.saturating_sub(p.last_seen_us) <= window)
                 .map(|p| p.node_id),
         );
         v
@@ -67,7 +68,6 @@ impl NodeState {
     /// The figures of the node and of each cache.
     pub fn stats(&self) -> StatsResponse {
         let s = self.bus.stats();
-        let a = &self.audit.counters;
         let node = NodeStats {
             node_id: self.bus.node_id().to_owned(),
             batches_published: s.batches_published,
@@ -89,8 +89,8 @@ impl NodeState {
                 p999_us: s.propagation.p999_us,
                 max_us: s.propagation.max_us,
             }),
-            receipts_published: a.receipts_published.load(Ordering::Relaxed),
-            receipts_failed: a.receipts_failed.load(Ordering::Relaxed) + a.receipts_lagged.load(Ordering::Relaxed),
+            receipts_published: s.receipts_published,
+            receipts_failed: s.receipts_failed + s.receipts_lagged,
             refused_calls: self.auth.refusals.total(),
             purges: self.counters.purges.load(Ordering::Relaxed),
         };

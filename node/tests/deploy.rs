@@ -495,8 +495,8 @@ fn local_cluster_applies_purges_survives_a_lost_server_and_stops_cleanly() {
             "the Python batch never showed three receipts in the audit log: {last}"
         );
 
-        // Least privilege: the service user cannot forge receipts, the publisher cannot
-        // touch the JetStream API.
+        // Least privilege: the publisher can neither write receipts nor touch the JetStream
+        // API; the service user stays in its namespace.
         let forge = |url: &str, subject: &str| {
             Command::new("python3")
                 .arg("-c")
@@ -509,7 +509,7 @@ fn local_cluster_applies_purges_survives_a_lost_server_and_stops_cleanly() {
         };
         for (url, subject) in [
             (
-                get("INVALBUS_NATS_SERVICE_URL"),
+                get("INVALBUS_NATS_PUBLISHER_URL"),
                 "invalbus.blog.audit.receipt.x.1.1.node-1",
             ),
             (get("INVALBUS_NATS_PUBLISHER_URL"), "$JS.API.STREAM.PURGE.INVALBUS_blog"),
@@ -524,6 +524,11 @@ fn local_cluster_applies_purges_survives_a_lost_server_and_stops_cleanly() {
         }
         let o = forge(&get("INVALBUS_NATS_SERVICE_URL"), "invalbus.blog.inv.x");
         assert!(o.status.success(), "the service user may publish batches: {}", text(&o));
+        let o = forge(
+            &get("INVALBUS_NATS_SERVICE_URL"),
+            "invalbus.blog.audit.receipt.x.1.1.web-1",
+        );
+        assert!(o.status.success(), "the service user may write receipts: {}", text(&o));
     }
 
     // Lose a server (SIGKILL, as a crash): node-1, which was connected to it, fails over, and a

@@ -874,6 +874,7 @@ impl RawPeer {
             address: String::new(),
             namespace: self.namespace.clone(),
             caches: Vec::new(),
+            writes_receipts: false,
         };
         let subject = hb_subject(&self.namespace, &self.origin);
         self.publish_raw(&subject, invalbus::encode_heartbeat(&hb)).await;

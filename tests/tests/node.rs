@@ -4,13 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use invalbus::Loaded;
+use invalbus::{CacheConfig, Loaded};
 use invalbus_node::pb::admin::admin_client::AdminClient;
 use invalbus_node::pb::admin::*;
 use invalbus_node::pb::cache::cache_client::CacheClient;
 use invalbus_node::pb::cache::{FillRequest, GetRequest, InvalidateKeyRequest, SetRequest};
 use invalbus_node::{config, Node, NodeConfig, ServeArgs};
-use invalbus_tests::{eventually, init_tracing, NatsServer, DEADLINE};
+use invalbus_tests::{bus_builder, eventually, init_tracing, NatsServer, DEADLINE};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
@@ -729,4 +729,94 @@ async fn list_services_v1alpha(node: &Node) -> Vec<String> {
         Some(MessageResponse::ListServicesResponse(l)) => l.service.into_iter().map(|s| s.name).collect(),
         other => panic!("unexpected reflection answer {other:?}"),
     }
+}
+
+/// Replicas that embed the library, with no node binary, write receipts too: a waiting purge
+/// through a node waits for them, and the audit log says what each dropped. A replica built
+/// without receipts says so in its heartbeats, and nobody waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_embed_the_library_write_receipts() {
+    init_tracing();
+    let server = NatsServer::start_jetstream().await;
+    let url = server.url();
+    let node = start(&url, "replicas", "n1").await;
+    let replica = |id: &'static str, receipts: bool| {
+        let url = url.clone();
+        async move {
+            bus_builder(&url, "replicas", id)
+                .jetstream(invalbus::JetStreamConfig::default())
+                .receipts(receipts)
+                .build()
+                .await
+                .unwrap_or_else(|e| panic!("replica {id}: {e}"))
+        }
+    };
+    let web1 = replica("web-1", true).await;
+    let web2 = replica("web-2", false).await;
+    assert!(web1.writes_receipts() && !web2.writes_receipts());
+    let c1 = web1.cache::<String>("articles", CacheConfig::new(1000)).unwrap();
+    let c2 = web2.cache::<String>("articles", CacheConfig::new(1000)).unwrap();
+    for (key, tag) in [
+        ("post:1", "author:42"),
+        ("post:2", "author:42"),
+        ("post:3", "author:42"),
+        ("post:4", "author:7"),
+    ] {
+        let filled = c1.reserve(key).fill(Loaded::new(key.to_owned()).tag(tag)).await;
+        assert_eq!(filled, invalbus::FillOutcome::Filled, "{key} on web-1");
+    }
+    let filled = c2
+        .reserve("post:1")
+        .fill(Loaded::new("post:1".to_owned()).tag("author:42"))
+        .await;
+    assert_eq!(filled, invalbus::FillOutcome::Filled, "post:1 on web-2");
+    let seen = eventually(DEADLINE, || async {
+        let peers = node.bus().peers();
+        peers.iter().any(|p| p.node_id == "web-1" && p.writes_receipts)
+            && peers.iter().any(|p| p.node_id == "web-2" && !p.writes_receipts)
+    })
+    .await;
+    assert!(seen, "n1 never heard both replicas: {:?}", node.bus().peers());
+
+    let mut client = admin(&node).await;
+    let resp = client
+        .purge(authed(
+            PurgeRequest {
+                tags: vec!["author:42".into()],
+                reason: "byline was wrong".into(),
+                wait: true,
+                wait_timeout_ms: 15_000,
+                ..Default::default()
+            },
+            Some(OPS),
+        ))
+        .await
+        .expect("purge")
+        .into_inner();
+    assert!(resp.missing_nodes.is_empty(), "response: {resp:?}");
+    let want = BTreeMap::from([("n1".to_owned(), 0), ("web-1".to_owned(), 3)]);
+    assert_eq!(dropped_by_node(&resp.receipts), want, "response: {resp:?}");
+    assert_eq!(c1.get("post:1").await, None);
+    assert!(c1.get("post:4").await.is_some(), "post:4 lost on web-1");
+    // web-2 writes no receipt, but applies the purge all the same.
+    let gone = eventually(DEADLINE, || async { c2.get("post:1").await.is_none() }).await;
+    assert!(gone, "post:1 still cached on web-2");
+
+    // The audit log holds web-1's receipt, durable like the node's.
+    let until = std::time::Instant::now() + DEADLINE;
+    let mut last = query_by_purge(&mut client, &resp.purge_id).await;
+    while !(last.records.len() == 1 && dropped_by_node(&last.records[0].receipts) == want) {
+        assert!(
+            std::time::Instant::now() < until,
+            "audit never showed both receipts: {last:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        last = query_by_purge(&mut client, &resp.purge_id).await;
+    }
+    assert!(web1.stats().receipts_published >= 1);
+    assert_eq!(web2.stats().receipts_published, 0);
+
+    web1.shutdown().await;
+    web2.shutdown().await;
+    node.shutdown().await;
 }

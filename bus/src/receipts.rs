@@ -1,0 +1,285 @@
+//! Receipts: every node's record of the batches it applied, the half of the audit log that says
+//! "who applied it, when, and what it dropped".
+//!
+//! Each bus on NATS writes one receipt per batch it applies from a peer, on
+//! `invalbus.<ns>.audit.receipt.<origin>.<epoch>.<seq>.<node>` (outside the `invalbus.<ns>.*.*`
+//! the receivers listen to), so the receipts of one batch are one subject filter away. With
+//! JetStream they go to the stream `INVALBUS_<ns>_RECEIPTS` and are acknowledged; without it
+//! they are published for whoever listens (a purge waiting for them, a live tail).
+//!
+//! The recorder never makes the bus wait: it reads the applied batches from a broadcast channel
+//! and counts what it falls too far behind to see. A batch with tag or prefix purges waits for the
+//! sweeps to count what they hid before its receipt is written.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use invalbus_proto::wire;
+use prost::Message;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::bus::Applied;
+use crate::codec::DecodeError;
+use crate::metrics::BusMetrics;
+
+/// Most receipts waiting for an acknowledgement, and most waiting for a sweep's count, at once;
+/// beyond that the recorder waits (never the bus).
+const MAX_PENDING: usize = 4096;
+
+/// One node's application of one batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Receipt {
+    /// Node that applied the batch.
+    pub node: String,
+    /// Node that published it.
+    pub origin: String,
+    /// The origin's epoch.
+    pub epoch: u64,
+    /// The batch's sequence in that epoch.
+    pub seq: u64,
+    /// When the origin published it (its clock, µs since the Unix epoch).
+    pub published_us: u64,
+    /// When this node applied it (this node's clock).
+    pub applied_us: u64,
+    /// Entries it dropped here: key targets at once, tag and prefix purges as counted by the
+    /// sweep that removed what they hid.
+    pub dropped: u64,
+    /// Whether a whole cache was flushed.
+    pub flushed: bool,
+    /// Invalidations in the batch.
+    pub invalidations: u32,
+    /// Purge ids of the admin purges in it.
+    pub purge_ids: Vec<String>,
+    /// The origin's own receipt (it applied the batch before publishing it).
+    pub local: bool,
+}
+
+impl Receipt {
+    /// The receipt `node` writes for a peer's batch it applied (the sweeps' count not included).
+    pub fn of(node: &str, a: &Applied) -> Receipt {
+        Receipt {
+            node: node.to_owned(),
+            origin: a.origin.clone(),
+            epoch: a.epoch,
+            seq: a.seq,
+            published_us: a.published_us,
+            applied_us: a.applied_us,
+            dropped: a.dropped,
+            flushed: a.flushed,
+            invalidations: a.invalidations as u32,
+            purge_ids: a.purge_ids.clone(),
+            local: false,
+        }
+    }
+
+    /// The wire form (`invalbus.wire.v1.Receipt`).
+    pub fn encode(&self) -> Bytes {
+        let msg = wire::Receipt {
+            node: self.node.clone(),
+            origin: self.origin.clone(),
+            epoch: self.epoch,
+            seq: self.seq,
+            published_us: self.published_us,
+            applied_us: self.applied_us,
+            dropped: self.dropped,
+            flushed: self.flushed,
+            invalidations: self.invalidations,
+            purge_ids: self.purge_ids.clone(),
+            local: self.local,
+        };
+        Bytes::from(msg.encode_to_vec())
+    }
+
+    /// Reads the wire form.
+    ///
+    /// ```
+    /// let r = invalbus::Receipt { node: "a".into(), origin: "b".into(), epoch: 1, seq: 2, ..Default::default() };
+    /// assert_eq!(invalbus::Receipt::decode(&r.encode()).unwrap(), r);
+    /// assert!(invalbus::Receipt::decode(b"\xff").is_err());
+    /// ```
+    pub fn decode(payload: &[u8]) -> Result<Receipt, DecodeError> {
+        let m = wire::Receipt::decode(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        Ok(Receipt {
+            node: m.node,
+            origin: m.origin,
+            epoch: m.epoch,
+            seq: m.seq,
+            published_us: m.published_us,
+            applied_us: m.applied_us,
+            dropped: m.dropped,
+            flushed: m.flushed,
+            invalidations: m.invalidations,
+            purge_ids: m.purge_ids,
+            local: m.local,
+        })
+    }
+
+    /// The id that makes a receipt written twice (a retry, a replayed batch) count once.
+    fn msg_id(&self) -> String {
+        format!(
+            "{}.{}.{}.{}.{}",
+            self.node,
+            self.origin,
+            self.epoch,
+            self.seq,
+            self.purge_ids.first().map(String::as_str).unwrap_or("")
+        )
+    }
+}
+
+/// The subject `node` writes its receipt of batch `(origin, epoch, seq)` of `namespace` on.
+pub fn receipt_subject(namespace: &str, origin: &str, epoch: u64, seq: u64, node: &str) -> String {
+    format!("invalbus.{namespace}.audit.receipt.{origin}.{epoch}.{seq}.{node}")
+}
+
+/// The subjects of every receipt of `namespace` (what the receipts stream keeps).
+pub fn all_receipts(namespace: &str) -> String {
+    format!("invalbus.{namespace}.audit.receipt.>")
+}
+
+/// The name of the receipts stream of `namespace`.
+pub fn receipts_stream(namespace: &str) -> String {
+    format!("INVALBUS_{namespace}_RECEIPTS")
+}
+
+type AckFuture = futures::future::BoxFuture<'static, bool>;
+type CountFuture = futures::future::BoxFuture<'static, Receipt>;
+
+/// Writes receipts: one per applied batch, and the ones handed to it (the origin's own).
+pub(crate) struct Recorder {
+    pub namespace: String,
+    pub node_id: String,
+    pub client: async_nats::Client,
+    /// With JetStream: receipts are acknowledged by the receipts stream.
+    pub js: Option<jetstream::Context>,
+    pub metrics: Arc<BusMetrics>,
+}
+
+impl Recorder {
+    pub(crate) async fn run(
+        self,
+        mut applied: broadcast::Receiver<Applied>,
+        mut local: mpsc::Receiver<Receipt>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut acks: FuturesUnordered<AckFuture> = FuturesUnordered::new();
+        // Receipts of batches with tag or prefix purges, waiting for the sweeps to count the
+        // entries those hid.
+        let mut counting: FuturesUnordered<CountFuture> = FuturesUnordered::new();
+        loop {
+            if acks.len() >= MAX_PENDING {
+                if let Some(ok) = acks.next().await {
+                    self.count(ok);
+                }
+                continue;
+            }
+            tokio::select! {
+                a = applied.recv(), if counting.len() < MAX_PENDING => match a {
+                    Ok(a) => {
+                        if let Some(r) = self.receipt(a, &counting) {
+                            if let Some(f) = self.publish(r).await {
+                    acks.push(f);
+                }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        self.metrics.receipts_lagged.add(n);
+                        tracing::warn!(node = %self.node_id, missed = n, "receipt recorder fell behind; receipts not written");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                Some(r) = counting.next(), if !counting.is_empty() => {
+                    if let Some(f) = self.publish(r).await {
+                        acks.push(f);
+                    }
+                }
+                Some(r) = local.recv() => {
+                    if let Some(f) = self.publish(r).await {
+                        acks.push(f);
+                    }
+                }
+                Some(ok) = acks.next(), if !acks.is_empty() => self.count(ok),
+                _ = stopped(&mut shutdown) => break,
+            }
+        }
+        // Write what is queued, then wait a bounded time for the counts and acknowledgements.
+        while let Ok(a) = applied.try_recv() {
+            if let Some(r) = self.receipt(a, &counting) {
+                if let Some(f) = self.publish(r).await {
+                    acks.push(f);
+                }
+            }
+        }
+        local.close();
+        while let Some(r) = local.recv().await {
+            if let Some(f) = self.publish(r).await {
+                acks.push(f);
+            }
+        }
+        let drain = async {
+            while let Some(r) = counting.next().await {
+                if let Some(f) = self.publish(r).await {
+                    acks.push(f);
+                }
+            }
+            while let Some(ok) = acks.next().await {
+                self.count(ok);
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    }
+
+    /// The receipt of `a`, or `None` when it waits in `counting` for the sweeps to count what
+    /// its tag and prefix purges hid.
+    fn receipt(&self, a: Applied, counting: &FuturesUnordered<CountFuture>) -> Option<Receipt> {
+        if a.pending.is_empty() {
+            return Some(Receipt::of(&self.node_id, &a));
+        }
+        let node = self.node_id.clone();
+        counting.push(Box::pin(async move {
+            let mut r = Receipt::of(&node, &a);
+            r.dropped += a.pending.count().await;
+            r
+        }));
+        None
+    }
+
+    fn count(&self, ok: bool) {
+        if ok {
+            self.metrics.receipts_published.inc();
+        } else {
+            self.metrics.receipts_failed.inc();
+        }
+    }
+
+    /// Sends one receipt; with JetStream, returns the future of its acknowledgement.
+    async fn publish(&self, r: Receipt) -> Option<AckFuture> {
+        let subject = receipt_subject(&self.namespace, &r.origin, r.epoch, r.seq, &r.node);
+        let payload = r.encode();
+        let Some(js) = &self.js else {
+            let ok = self.client.publish(subject, payload).await.is_ok();
+            self.count(ok);
+            return None;
+        };
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(payload)
+            .message_id(r.msg_id());
+        match js.send_publish(subject, msg).await {
+            Ok(ack) => Some(Box::pin(async move { ack.await.is_ok() })),
+            Err(e) => {
+                tracing::warn!(node = %self.node_id, error = %e, "receipt not written");
+                self.count(false);
+                None
+            }
+        }
+    }
+}
+
+/// Resolves once `rx` holds true (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
