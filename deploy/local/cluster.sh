@@ -60,7 +60,16 @@ http_get() {
     timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1; printf 'GET $2 HTTP/1.0\r\nHost: localhost\r\n\r\n' >&3; cat <&3" 2>/dev/null || true
 }
 
-alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# Whether process $1 runs. One that exited but was not reaped yet (a zombie: where nothing reaps
+# orphans, as in many containers) does not, though `kill -0` still succeeds on it.
+pid_alive() {
+    local state
+    state="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null)" || return 1
+    [[ -n "$state" && "$state" != Z* ]]
+}
+
+# Whether the process of pid file $1 runs.
+alive() { [[ -f "$1" ]] && pid_alive "$(cat "$1")"; }
 
 random_secret() { printf s; od -An -tx1 -N20 /dev/urandom | tr -d ' \n'; }
 
@@ -294,11 +303,11 @@ stop() {
     for f in "$@"; do
         [[ -f "$f" ]] || continue
         pid="$(cat "$f")"
-        while kill -0 "$pid" 2>/dev/null && ((SECONDS < until)); do sleep 0.1; done
-        if kill -0 "$pid" 2>/dev/null; then
+        while pid_alive "$pid" && ((SECONDS < until)); do sleep 0.1; done
+        if pid_alive "$pid"; then
             say "$(basename "$f" .pid) did not stop in 20 s: SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
-            while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+            while pid_alive "$pid"; do sleep 0.1; done
         fi
         rm -f "$f"
     done
