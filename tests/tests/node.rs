@@ -92,6 +92,20 @@ async fn fill(node: &Node, key: &str, tag: &str) {
     );
 }
 
+/// Purges as `ops` and waits up to 15 s for the receipts of every node that writes them.
+async fn purge_and_wait(client: &mut AdminClient<Channel>, request: PurgeRequest) -> PurgeResponse {
+    let request = PurgeRequest {
+        wait: true,
+        wait_timeout_ms: 15_000,
+        ..request
+    };
+    client
+        .purge(authed(request, Some(OPS)))
+        .await
+        .expect("purge")
+        .into_inner()
+}
+
 async fn query_by_purge(client: &mut AdminClient<Channel>, purge_id: &str) -> QueryAuditResponse {
     client
         .query_audit(authed(
@@ -146,20 +160,15 @@ async fn purge_by_tag_reaches_every_node_and_its_audit_survives_a_restart() {
     }
 
     let mut client = admin(&nodes[0]).await;
-    let resp = client
-        .purge(authed(
-            PurgeRequest {
-                tags: vec!["author:42".into()],
-                reason: "byline was wrong".into(),
-                wait: true,
-                wait_timeout_ms: 15_000,
-                ..Default::default()
-            },
-            Some(OPS),
-        ))
-        .await
-        .expect("purge")
-        .into_inner();
+    let resp = purge_and_wait(
+        &mut client,
+        PurgeRequest {
+            tags: vec!["author:42".into()],
+            reason: "byline was wrong".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     assert!(resp.purge_id.starts_with("pg-"));
     assert!(
         resp.missing_nodes.is_empty(),
@@ -287,20 +296,15 @@ async fn purge_by_tag_reaches_every_node_and_its_audit_survives_a_restart() {
     for n in &nodes {
         fill(n, "page:1", "author:7").await;
     }
-    let resp = client
-        .purge(authed(
-            PurgeRequest {
-                prefixes: vec!["post:".into()],
-                reason: "posts moved".into(),
-                wait: true,
-                wait_timeout_ms: 15_000,
-                ..Default::default()
-            },
-            Some(OPS),
-        ))
-        .await
-        .expect("prefix purge")
-        .into_inner();
+    let resp = purge_and_wait(
+        &mut client,
+        PurgeRequest {
+            prefixes: vec!["post:".into()],
+            reason: "posts moved".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     assert!(resp.missing_nodes.is_empty(), "response: {resp:?}");
     let want_dropped = BTreeMap::from([("n1".to_owned(), 0), ("n2".to_owned(), 1), ("n3".to_owned(), 1)]);
     assert_eq!(dropped_by_node(&resp.receipts), want_dropped, "response: {resp:?}");
@@ -779,20 +783,15 @@ async fn replicas_that_embed_the_library_write_receipts() {
     assert!(seen, "n1 never heard both replicas: {:?}", node.bus().peers());
 
     let mut client = admin(&node).await;
-    let resp = client
-        .purge(authed(
-            PurgeRequest {
-                tags: vec!["author:42".into()],
-                reason: "byline was wrong".into(),
-                wait: true,
-                wait_timeout_ms: 15_000,
-                ..Default::default()
-            },
-            Some(OPS),
-        ))
-        .await
-        .expect("purge")
-        .into_inner();
+    let resp = purge_and_wait(
+        &mut client,
+        PurgeRequest {
+            tags: vec!["author:42".into()],
+            reason: "byline was wrong".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     assert!(resp.missing_nodes.is_empty(), "response: {resp:?}");
     let want = BTreeMap::from([("n1".to_owned(), 0), ("web-1".to_owned(), 3)]);
     assert_eq!(dropped_by_node(&resp.receipts), want, "response: {resp:?}");
