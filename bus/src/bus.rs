@@ -40,6 +40,10 @@ pub enum BuildError {
     /// The NATS server could not be reached.
     #[error("cannot connect to NATS: {0}")]
     Connect(String),
+    /// The NATS server refused the credentials (user/password, token, NKey or credentials
+    /// file): fix them, retrying will not help.
+    #[error("NATS refused the credentials: {0}")]
+    Refused(String),
     /// The subscription could not be set up or was not confirmed by the server.
     #[error("cannot subscribe: {0}")]
     Subscribe(String),
@@ -518,10 +522,11 @@ impl BusBuilder {
                     });
                 // Several servers may be given, comma-separated; the client picks one and fails over.
                 let servers: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
-                let client = options
-                    .connect(servers)
-                    .await
-                    .map_err(|e| BuildError::Connect(format!("{url}: {e}")))?;
+                let client = options.connect(servers).await.map_err(|e| match e.kind() {
+                    async_nats::ConnectErrorKind::AuthorizationViolation
+                    | async_nats::ConnectErrorKind::Authentication => BuildError::Refused(format!("{url}: {e}")),
+                    _ => BuildError::Connect(format!("{url}: {e}")),
+                })?;
                 Link::Nats(client)
             }
             (Some(_), Some(_)) => {

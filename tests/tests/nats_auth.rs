@@ -9,8 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
-use invalbus::{FillOutcome, Loaded};
-use invalbus_node::{config, Node, NodeConfig, ServeArgs};
+use invalbus::{BuildError, FillOutcome, Loaded};
+use invalbus_node::{config, Node, NodeConfig, NodeError, ServeArgs};
 use invalbus_tests::{eventually, init_tracing, NatsServer, DEADLINE};
 use nkeys::KeyPair;
 use serde_json::{json, Value};
@@ -88,7 +88,7 @@ async fn invalidation_crosses(url: &str, ns: &str, nats: &str) {
 
 /// Starts a node with `nats`, which the server must refuse, and returns the error's message.
 /// Fails the test if the start succeeds or does not return within the deadline.
-async fn refused(url: &str, ns: &str, nats: &str) -> String {
+async fn refused(url: &str, ns: &str, nats: &str) -> NodeError {
     let outcome = tokio::time::timeout(DEADLINE, Node::start(node_config(url, ns, "refused", nats))).await;
     match outcome {
         Err(_) => panic!("Node::start with refused credentials did not return within {DEADLINE:?}"),
@@ -97,9 +97,8 @@ async fn refused(url: &str, ns: &str, nats: &str) -> String {
             panic!("a node started with credentials the server should refuse: [nats] {nats:?}");
         }
         Ok(Err(e)) => {
-            let message = e.to_string();
-            println!("refused as expected: {message}");
-            message
+            println!("refused as expected: {e}");
+            e
         }
     }
 }
@@ -123,8 +122,9 @@ async fn nodes_with_the_token_share_invalidations() {
 async fn a_node_with_a_wrong_token_fails_to_start() {
     init_tracing();
     let server = token_server().await;
-    let message = refused(&server.url(), "token", "token = \"not-the-token-0123456789\"").await;
-    assert!(message.contains("authorization violation"), "{message}");
+    let e = refused(&server.url(), "token", "token = \"not-the-token-0123456789\"").await;
+    assert!(matches!(e, NodeError::Bus(BuildError::Refused(_))), "{e:?}");
+    assert!(e.to_string().contains("authorization violation"), "{e}");
 }
 
 // ---- NKey -------------------------------------------------------------------------------------
@@ -156,8 +156,9 @@ async fn a_node_with_an_unknown_nkey_fails_to_start() {
     let dir = TempDir::new().expect("temporary directory");
     let server = nkey_server(&KeyPair::new_user()).await;
     let stranger = KeyPair::new_user();
-    let message = refused(&server.url(), "nkey", &nkey_file_line(dir.path(), &stranger)).await;
-    assert!(message.contains("authorization violation"), "{message}");
+    let e = refused(&server.url(), "nkey", &nkey_file_line(dir.path(), &stranger)).await;
+    assert!(matches!(e, NodeError::Bus(BuildError::Refused(_))), "{e:?}");
+    assert!(e.to_string().contains("authorization violation"), "{e}");
 }
 
 // ---- Credentials file (operator mode) ---------------------------------------------------------
@@ -295,8 +296,9 @@ async fn a_node_with_credentials_of_an_unknown_account_fails_to_start() {
     let server = NatsServer::start_jetstream_with_config(&operator.server_config).await;
     // A well-formed user JWT, signed by an account the server's operator never signed.
     let creds = credentials_line(dir.path(), &KeyPair::new_account(), "stranger");
-    let message = refused(&server.url(), "creds", &creds).await;
-    assert!(message.contains("authorization violation"), "{message}");
+    let e = refused(&server.url(), "creds", &creds).await;
+    assert!(matches!(e, NodeError::Bus(BuildError::Refused(_))), "{e:?}");
+    assert!(e.to_string().contains("authorization violation"), "{e}");
 }
 
 // ---- TLS with client certificates -------------------------------------------------------------
@@ -386,7 +388,9 @@ async fn a_node_without_a_client_certificate_fails_to_start() {
     init_tracing();
     let pki = Pki::new();
     let server = pki.server().await;
-    let message = refused(&server.url(), "tls", &pki.nats_section(false)).await;
+    let message = refused(&server.url(), "tls", &pki.nats_section(false))
+        .await
+        .to_string();
     // The server's TLS alert, as rustls names it (e.g. "received fatal alert: BadCertificate").
     assert!(message.to_lowercase().contains("certificate"), "{message}");
 }
