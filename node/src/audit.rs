@@ -402,19 +402,130 @@ impl Audit {
         ))
     }
 
-    /// Subscribes to batches and receipts as they are published, for a live tail.
+    /// Follows batches and receipts as they are written, for a live tail. With JetStream it
+    /// reads both streams through consumers that deliver what is stored after they were made,
+    /// which the stream leader confirms before this returns: a purge made after the tail opened
+    /// is never missed, even when it reaches another server of a NATS cluster. Without
+    /// JetStream it subscribes, and confirms the subscriptions with a probe.
     pub async fn watch(
         &self,
         filter: Filter,
         tx: mpsc::Sender<crate::pb::admin::AuditEvent>,
     ) -> Result<(), AuditError> {
         use crate::pb::admin::audit_event::Event;
-        let mut batches = self
+        let (mut batches, mut receipts) = if self.durable {
+            (
+                self.follow(self.subjects.batch_stream(), self.subjects.all_batches())
+                    .await?,
+                self.follow(self.subjects.receipts_stream(), self.subjects.all_receipts())
+                    .await?,
+            )
+        } else {
+            self.subscribe_both().await?
+        };
+        let limits = self.limits.clone();
+        let namespace = self.namespace.clone();
+        tokio::spawn(async move {
+            let mut matched: HashSet<(String, u64, u64)> = HashSet::new();
+            let mut order: VecDeque<(String, u64, u64)> = VecDeque::new();
+            // Receipts that came before their batch (the two streams are read apart): held a
+            // while, and sent if the batch matches.
+            let mut early: VecDeque<(tokio::time::Instant, Receipt)> = VecDeque::new();
+            let everything = filter == Filter::default();
+            loop {
+                let events: Vec<Event> = tokio::select! {
+                    // Batches first: a batch usually comes before its receipts, and taking a
+                    // receipt first would leave it waiting in `early`.
+                    biased;
+                    m = batches.next() => {
+                        let Some(m) = m else { return };
+                        let Ok(b) = invalbus::decode_batch(&m, &namespace, &limits) else { continue };
+                        let Some(r) = filter.record(&b, 0) else { continue };
+                        let k = (b.origin.clone(), b.epoch, b.seq);
+                        if matched.insert(k.clone()) {
+                            order.push_back(k.clone());
+                            if order.len() > 10_000 {
+                                if let Some(old) = order.pop_front() {
+                                    matched.remove(&old);
+                                }
+                            }
+                        }
+                        let mut events = vec![Event::Record(r)];
+                        let (theirs, rest): (VecDeque<_>, VecDeque<_>) = early
+                            .drain(..)
+                            .partition(|(_, r)| (r.origin.as_str(), r.epoch, r.seq) == (k.0.as_str(), k.1, k.2));
+                        early = rest;
+                        events.extend(theirs.into_iter().map(|(_, r)| Event::Receipt(r)));
+                        events
+                    }
+                    m = receipts.next() => {
+                        let Some(m) = m else { return };
+                        let Ok(r) = Receipt::decode(m.as_ref()) else { continue };
+                        let k = (r.origin.clone(), r.epoch, r.seq);
+                        let by_purge = filter.purge_id.as_ref().is_some_and(|p| r.purge_ids.contains(p));
+                        if !(everything || by_purge || matched.contains(&k)) {
+                            let now = tokio::time::Instant::now();
+                            while early.front().is_some_and(|(at, _)| now.duration_since(*at) > EARLY_KEPT)
+                                || early.len() >= MAX_EARLY
+                            {
+                                early.pop_front();
+                            }
+                            early.push_back((now, r));
+                            continue;
+                        }
+                        vec![Event::Receipt(r)]
+                    }
+                    _ = tx.closed() => return,
+                };
+                for event in events {
+                    if tx
+                        .send(crate::pb::admin::AuditEvent { event: Some(event) })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// What is stored in `stream` on `filter` from now on.
+    async fn follow(&self, stream: String, filter: String) -> Result<Payloads, AuditError> {
+        let unavailable = |e: String| AuditError::Unavailable(format!("{stream}: {e}"));
+        let consumer = self
+            .js
+            .get_stream(&stream)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let messages = consumer.messages().await.map_err(|e| unavailable(e.to_string()))?;
+        Ok(Box::pin(messages.filter_map(|m| async move {
+            match m {
+                Ok(m) => Some(m.message.payload),
+                Err(e) => {
+                    tracing::warn!(error = %e, "audit tail: stream read failed");
+                    None
+                }
+            }
+        })))
+    }
+
+    /// Subscriptions to batches and receipts, confirmed by the server.
+    async fn subscribe_both(&self) -> Result<(Payloads, Payloads), AuditError> {
+        let batches = self
             .client
             .subscribe(self.subjects.all_batches())
             .await
             .map_err(|e| AuditError::Unavailable(e.to_string()))?;
-        let mut receipts = self
+        let receipts = self
             .client
             .subscribe(self.subjects.all_receipts())
             .await
@@ -423,7 +534,8 @@ impl Audit {
         // after the watcher got its stream could reach the server first, and its batch and
         // receipts never reach the tail. The server handles one connection's messages in
         // order, so once a probe published after the SUBs comes back, they are in force.
-        // (In a NATS cluster, interest reaches the other servers a moment later still.)
+        // (In a NATS cluster, interest reaches the other servers a moment later still: with
+        // JetStream the tail reads the streams instead.)
         let probe_subject = self.client.new_inbox();
         let mut probe = self
             .client
@@ -438,58 +550,19 @@ impl Audit {
             Ok(Some(_)) => {}
             _ => return Err(AuditError::Unavailable("NATS did not confirm the subscriptions".into())),
         }
-        drop(probe);
-        let limits = self.limits.clone();
-        let namespace = self.namespace.clone();
-        tokio::spawn(async move {
-            let mut matched: HashSet<(String, u64, u64)> = HashSet::new();
-            let mut order: VecDeque<(String, u64, u64)> = VecDeque::new();
-            let everything = filter == Filter::default();
-            loop {
-                let event = tokio::select! {
-                    // Batches first: a batch reaches this connection before its receipts, but a
-                    // random pick could take a receipt first, find its batch not yet matched,
-                    // and drop it from the tail.
-                    biased;
-                    m = batches.next() => {
-                        let Some(m) = m else { return };
-                        let Ok(b) = invalbus::decode_batch(&m.payload, &namespace, &limits) else { continue };
-                        let Some(r) = filter.record(&b, 0) else { continue };
-                        let k = (b.origin.clone(), b.epoch, b.seq);
-                        if matched.insert(k.clone()) {
-                            order.push_back(k);
-                            if order.len() > 10_000 {
-                                if let Some(old) = order.pop_front() {
-                                    matched.remove(&old);
-                                }
-                            }
-                        }
-                        Event::Record(r)
-                    }
-                    m = receipts.next() => {
-                        let Some(m) = m else { return };
-                        let Ok(r) = Receipt::decode(m.payload.as_ref()) else { continue };
-                        let k = (r.origin.clone(), r.epoch, r.seq);
-                        let by_purge = filter.purge_id.as_ref().is_some_and(|p| r.purge_ids.contains(p));
-                        if !(everything || by_purge || matched.contains(&k)) {
-                            continue;
-                        }
-                        Event::Receipt(r)
-                    }
-                    _ = tx.closed() => return,
-                };
-                if tx
-                    .send(crate::pb::admin::AuditEvent { event: Some(event) })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
-        Ok(())
+        Ok((
+            Box::pin(batches.map(|m| m.payload)),
+            Box::pin(receipts.map(|m| m.payload)),
+        ))
     }
 }
+
+/// Message payloads, from a subscription or a stream.
+type Payloads = std::pin::Pin<Box<dyn futures::Stream<Item = Bytes> + Send>>;
+
+/// How long, and how many, receipts that came before their batch are held for the tail.
+const EARLY_KEPT: Duration = Duration::from_secs(5);
+const MAX_EARLY: usize = 10_000;
 
 /// One receipt per node (a node that wrote two for one batch, e.g. two purges in one local
 /// batch, has them merged), ordered by node.

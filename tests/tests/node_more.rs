@@ -11,7 +11,7 @@ use invalbus_node::pb::admin::admin_client::AdminClient;
 use invalbus_node::pb::admin::audit_event::Event;
 use invalbus_node::pb::admin::*;
 use invalbus_node::{config, Node, NodeConfig, ServeArgs};
-use invalbus_tests::{eventually, init_tracing, NatsServer, DEADLINE};
+use invalbus_tests::{eventually, init_tracing, NatsCluster, NatsServer, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::Request;
@@ -375,6 +375,55 @@ async fn audit_tail_streams_matching_purges_with_every_receipt_and_skips_others(
     for n in nodes {
         n.shutdown().await;
     }
+}
+
+/// In a NATS cluster, a tail opened through a node on one server sees a purge made through a
+/// node on another server right after the tail opened: the tail reads the streams, whose leader
+/// confirmed its consumers before WatchAudit answered (subscription interest, by contrast,
+/// reaches the other servers a moment later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_tail_in_a_nats_cluster_sees_a_purge_made_right_after_it_opened() {
+    init_tracing();
+    let mut cluster = NatsCluster::start(3).await;
+    let a = start(&cluster.server_mut(0).url(), "cwatch", "c1").await;
+    let b = start(&cluster.server_mut(1).url(), "cwatch", "c2").await;
+    meet(&[&a, &b]).await;
+    let mut watcher = admin(&a).await;
+    let mut client = admin(&b).await;
+    for round in 0..5 {
+        let tag = format!("round:{round}");
+        let mut tail = watcher
+            .watch_audit(authed(
+                WatchAuditRequest {
+                    filter: Some(AuditFilter {
+                        tag: tag.clone(),
+                        ..Default::default()
+                    }),
+                },
+                READER,
+            ))
+            .await
+            .expect("WatchAudit")
+            .into_inner();
+        let p = client
+            .purge(authed(purge_tag(&tag, "right after the tail opened"), OPS))
+            .await
+            .expect("purge")
+            .into_inner();
+        loop {
+            match tokio::time::timeout(DEADLINE, tail.message()).await {
+                Ok(Ok(Some(e))) => {
+                    if matches!(&e.event, Some(Event::Record(_))) && mentions(&e, &p.purge_id) {
+                        break;
+                    }
+                }
+                other => panic!("round {round}: the purge never reached the tail ({other:?})"),
+            }
+        }
+    }
+    drop((watcher, client));
+    a.shutdown().await;
+    b.shutdown().await;
 }
 
 /// `GET /metrics` written by hand; returns the status line and the body.
