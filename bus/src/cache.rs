@@ -364,10 +364,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         if s < self.all_gen.load(Ordering::Acquire) {
             return false;
         }
-        if slot
-            .expires_ms()
-            .is_some_and(|at| self.base.elapsed().as_millis() as u64 >= at)
-        {
+        if self.expired(slot) {
             return false;
         }
         if s < self.last_tag_gen.load(Ordering::Acquire) && slot.tags.is_some() && self.tag_purged_since(slot.tags(), s)
@@ -378,6 +375,13 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             return false;
         }
         true
+    }
+
+    /// Whether the entry's own time to live has ended.
+    #[inline]
+    fn expired(&self, slot: &Slot<V>) -> bool {
+        slot.expires_ms()
+            .is_some_and(|at| self.base.elapsed().as_millis() as u64 >= at)
     }
 
     fn tag_purged_since<'t>(&self, mut tags: impl Iterator<Item = &'t str>, stamp: u64) -> bool {
@@ -765,10 +769,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
     /// the entry's own time to live hid it first.
     fn hidden_by(&self, slot: &Slot<V>, key: &str) -> Option<u64> {
         let s = slot.stamp();
-        if slot
-            .expires_ms()
-            .is_some_and(|at| self.base.elapsed().as_millis() as u64 >= at)
-        {
+        if self.expired(slot) {
             return None;
         }
         let by_tag = if slot.tags.is_some() {
