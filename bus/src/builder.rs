@@ -574,9 +574,33 @@ async fn connect(
     // Several servers may be given, comma-separated; the client picks one and fails over.
     let servers: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
     options.connect(servers).await.map_err(|e| match e.kind() {
-        async_nats::ConnectErrorKind::AuthorizationViolation | async_nats::ConnectErrorKind::Authentication => {
-            BuildError::Refused(format!("{url}: {e}"))
-        }
+        // Credentials or certificates the server will not take: retrying will not help.
+        async_nats::ConnectErrorKind::AuthorizationViolation
+        | async_nats::ConnectErrorKind::Authentication
+        | async_nats::ConnectErrorKind::Tls => BuildError::Refused(format!("{url}: {e}")),
+        async_nats::ConnectErrorKind::ServerParse => BuildError::Config(format!("{url}: {e}")),
+        _ if tls_refused(&e) => BuildError::Refused(format!("{url}: {e}")),
         _ => BuildError::Connect(format!("{url}: {e}")),
     })
+}
+
+/// Whether the TLS handshake failed on something retrying will not change (a certificate the
+/// server rejects or that does not verify), which async-nats reports as an I/O error.
+fn tls_refused(e: &async_nats::ConnectError) -> bool {
+    use async_nats::rustls;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+                return matches!(
+                    tls,
+                    rustls::Error::AlertReceived(_)
+                        | rustls::Error::InvalidCertificate(_)
+                        | rustls::Error::NoCertificatesPresented
+                );
+            }
+        }
+        source = s.source();
+    }
+    false
 }

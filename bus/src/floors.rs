@@ -11,7 +11,7 @@
 //! (`floors_survive_more_keys_than_the_table_holds` below fails without the sketch).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -86,9 +86,7 @@ impl Floors {
     }
 
     fn hash(&self, key: &str) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        h.finish()
+        self.hasher.hash_one(key)
     }
 
     fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, Shard> {

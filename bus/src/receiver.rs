@@ -483,12 +483,11 @@ async fn apply_batch(inner: &BusInner, batch: Batch, path: Path) {
             .metrics
             .invalidations_received
             .add(batch.invalidations.len() as u64);
-        if path == Path::Live {
-            inner
-                .metrics
-                .propagation
-                .record(applied_us.saturating_sub(batch.timestamp_us));
-        }
+        // Publish to applied here, by whichever path came first.
+        inner
+            .metrics
+            .propagation
+            .record(applied_us.saturating_sub(batch.timestamp_us));
         let _ = inner.applied.send(Applied {
             origin: batch.origin,
             epoch: batch.epoch,

@@ -167,7 +167,7 @@ async fn versioned_invalidation_reaches_both_peers_and_refuses_older_fills() {
         );
         // A replica that still returns version 3 must not put it back in the cache.
         assert_eq!(load(p, "article:1", Loaded::new("v3".into()).version(3)).await, "v3");
-        absent(&p, "article:1", "a fill below the invalidated version was cached").await;
+        absent(p, "article:1", "a fill below the invalidated version was cached").await;
         fill(p, "article:1", Loaded::new("v4".into()).version(4)).await;
     }
 }
