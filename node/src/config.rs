@@ -21,7 +21,8 @@ pub struct ServeArgs {
     /// This node's id, unique in the namespace (default: random).
     #[arg(long, env = "INVALBUS_NODE_ID")]
     pub node_id: Option<String>,
-    /// gRPC listen address (admin API, sidecar cache, health, reflection).
+    /// gRPC listen address (admin API, sidecar cache, health, reflection): `host:port`, or
+    /// `unix:/path/to.sock` for a Unix domain socket.
     #[arg(long, env = "INVALBUS_LISTEN")]
     pub listen: Option<String>,
     /// Address announced to peers in heartbeats (default: the listen address).

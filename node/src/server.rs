@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use invalbus::{Bus, CacheConfig};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -44,6 +45,8 @@ pub enum NodeError {
 pub struct Node {
     state: Arc<NodeState>,
     addr: SocketAddr,
+    /// The socket file, when it listens on a Unix domain socket (removed at shutdown).
+    socket: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
     stop_serving: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -61,12 +64,15 @@ impl Node {
                 tracing::warn!("no tokens configured: every admin and sidecar call will be refused (configure [[tokens]] or pass --insecure for local development)");
             }
         }
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|e| NodeError::Listen(config.listen.clone(), e))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| NodeError::Listen(config.listen.clone(), e))?;
+        let listener = GrpcListener::bind(&config.listen).await?;
+        let (addr, socket) = match &listener {
+            GrpcListener::Tcp(l) => (
+                l.local_addr()
+                    .map_err(|e| NodeError::Listen(config.listen.clone(), e))?,
+                None,
+            ),
+            GrpcListener::Unix(_, path) => (SocketAddr::from(([0, 0, 0, 0], 0)), Some(path.clone())),
+        };
         let metrics_listener = match &config.metrics_listen {
             Some(a) => Some(
                 TcpListener::bind(a)
@@ -75,7 +81,10 @@ impl Node {
             ),
             None => None,
         };
-        let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+        let advertise = config.advertise.clone().unwrap_or_else(|| match &socket {
+            Some(path) => format!("unix:{}", path.display()),
+            None => addr.to_string(),
+        });
         let js_config = config.jetstream.enabled.then(|| config.jetstream_config());
         let options = config.nats_options().await.map_err(|e| NodeError::Config(e.0))?;
         let mut builder = Bus::builder()
@@ -156,11 +165,15 @@ impl Node {
             .add_service(CacheServer::new(SidecarService::new(state.clone())));
         let (stop_serving, serving) = watch::channel(false);
         let mut until = serving.clone();
-        let server = tokio::spawn(
-            router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-                crate::audit::stopped(&mut until).await
-            }),
-        );
+        let stop = async move { crate::audit::stopped(&mut until).await };
+        let server = match listener {
+            GrpcListener::Tcp(l) => tokio::spawn(
+                router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(l), stop),
+            ),
+            GrpcListener::Unix(l, _) => tokio::spawn(
+                router.serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), stop),
+            ),
+        };
         let (metrics_addr, metrics) = match metrics_listener {
             Some(l) => (
                 l.local_addr().ok(),
@@ -168,10 +181,11 @@ impl Node {
             ),
             None => (None, None),
         };
-        tracing::info!(node = %state.bus.node_id(), ns = %config.namespace, %addr, tls = config.tls.is_some(), jetstream = js_config.is_some(), "node serving");
+        tracing::info!(node = %state.bus.node_id(), ns = %config.namespace, listen = %config.listen, tls = config.tls.is_some(), jetstream = js_config.is_some(), "node serving");
         Ok(Node {
             state,
             addr,
+            socket,
             metrics_addr,
             stop_serving,
             server,
@@ -180,9 +194,17 @@ impl Node {
         })
     }
 
-    /// The gRPC address it listens on.
+    /// The TCP address it serves gRPC on (`0.0.0.0:0` when it listens on a Unix socket).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where it serves gRPC: `host:port`, or `unix:/path` for a Unix domain socket.
+    pub fn listen_address(&self) -> String {
+        match &self.socket {
+            Some(path) => format!("unix:{}", path.display()),
+            None => self.addr.to_string(),
+        }
     }
 
     /// The Prometheus address, if it serves one.
@@ -215,6 +237,39 @@ impl Node {
         // The bus publishes what is queued and writes the receipts still pending.
         self.state.bus.shutdown().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.state.audit.client().drain()).await;
+        if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
         tracing::info!(node = %node, "stopped");
+    }
+}
+
+/// The gRPC port: TCP (`host:port`) or a Unix domain socket (`unix:/path`).
+enum GrpcListener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl GrpcListener {
+    async fn bind(listen: &str) -> Result<GrpcListener, NodeError> {
+        let err = |e| NodeError::Listen(listen.to_owned(), e);
+        let Some(path) = listen.strip_prefix("unix:") else {
+            return Ok(GrpcListener::Tcp(TcpListener::bind(listen).await.map_err(err)?));
+        };
+        let path = PathBuf::from(path);
+        if path.as_os_str().is_empty() {
+            return Err(NodeError::Config(
+                "listen = \"unix:\" needs a path, as in unix:/run/invalbus.sock".into(),
+            ));
+        }
+        // A socket file left by a node that died is removed; one that a live node answers on is
+        // not (binding then fails with "address in use").
+        if std::os::unix::net::UnixStream::connect(&path).is_err() {
+            use std::os::unix::fs::FileTypeExt;
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(GrpcListener::Unix(UnixListener::bind(&path).map_err(err)?, path))
     }
 }
