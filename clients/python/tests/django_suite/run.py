@@ -43,7 +43,7 @@ def main() -> int:
         from django.conf import settings
 
         runner = get_runner(settings)(verbosity=1, interactive=False)
-        failures = runner.run_tests(["test_invalbus_backend"])
+        failures = runner.run_tests(["suite_invalbus_backend"])
         return 1 if failures else 0
     finally:
         c.close()
