@@ -187,6 +187,12 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// An invalidation applied on this node, not yet confirmed by NATS.
+struct Pending {
+    ticket: invalbus::Ticket,
+    applied_us: u64,
+}
+
 /// A checked write of one key.
 struct Write {
     key: String,
@@ -382,9 +388,9 @@ impl SidecarService {
         Ok(Some(open))
     }
 
-    /// Applies an invalidation here and publishes it; waits until NATS has taken it, and
-    /// records this node's receipt.
-    async fn invalidate(
+    /// Applies an invalidation here and queues it for the peers: every read on this node that
+    /// starts afterwards misses what it covers. [`SidecarService::confirm`] waits for NATS.
+    async fn apply(
         &self,
         method: &str,
         who: &Principal,
@@ -392,7 +398,7 @@ impl SidecarService {
         target: Target,
         version: Option<u64>,
         reason: String,
-    ) -> Result<u64, Status> {
+    ) -> Result<Pending, Status> {
         if !cache.is_empty() {
             self.cache(method, who, cache)?;
         }
@@ -405,6 +411,13 @@ impl SidecarService {
             InvalidateError::Invalid(m) => self.state.auth.refusals.invalid(method, who, m),
             e => Status::unavailable(e.to_string()),
         })?;
+        Ok(Pending { ticket, applied_us })
+    }
+
+    /// Waits until NATS has taken an applied invalidation (the stream, with JetStream), and
+    /// records this node's receipt. Returns the batch's sequence.
+    async fn confirm(&self, pending: Pending) -> Result<u64, Status> {
+        let Pending { ticket, applied_us } = pending;
         let mut here = ticket.local();
         let hidden = ticket.pending_drops();
         match tokio::time::timeout(PUBLISH_WAIT, ticket.published()).await {
@@ -424,21 +437,36 @@ impl SidecarService {
         }
     }
 
-    /// A write of one key, holding its lock: the two-step fill of the module docs around the
-    /// key's invalidation. Returns whether the value was cached, and the invalidation's seq.
+    async fn invalidate(
+        &self,
+        method: &str,
+        who: &Principal,
+        cache: &str,
+        target: Target,
+        version: Option<u64>,
+        reason: String,
+    ) -> Result<u64, Status> {
+        let pending = self.apply(method, who, cache, target, version, reason).await?;
+        self.confirm(pending).await
+    }
+
+    /// A write of one key (the caller holds the key's lock): the two-step fill of the module
+    /// docs around the key's invalidation. Returns whether the value was cached, and the
+    /// invalidation to [`SidecarService::confirm`] once the lock is released (waiting for NATS
+    /// must not hold up this node's other writes of the key).
     async fn store(
         &self,
         method: &str,
         who: &Principal,
         cache: &invalbus::Cache<Bytes>,
         write: Write,
-    ) -> Result<(bool, u64), Status> {
+    ) -> Result<(bool, Pending), Status> {
         let before = match write.since {
             Some(lease) => lease.fill(write.stored.loaded(now_ms())).await == FillOutcome::Filled,
             None => false,
         };
-        let seq = self
-            .invalidate(
+        let pending = self
+            .apply(
                 method,
                 who,
                 cache.name(),
@@ -447,21 +475,20 @@ impl SidecarService {
                 write.reason,
             )
             .await?;
-        if !before {
-            self.state
-                .counters
-                .sidecar_refused_fills
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok((false, seq));
-        }
-        let after = cache.reserve(&write.key).fill(write.stored.loaded(now_ms())).await == FillOutcome::Filled;
+        // Taken as soon as the own invalidation is applied here: anything applied from now on
+        // refuses the second fill.
+        let after = if before {
+            cache.reserve(&write.key).fill(write.stored.loaded(now_ms())).await == FillOutcome::Filled
+        } else {
+            false
+        };
         if !after {
             self.state
                 .counters
                 .sidecar_refused_fills
                 .fetch_add(1, Ordering::Relaxed);
         }
-        Ok((after, seq))
+        Ok((after, pending))
     }
 
     /// Checks one Set (or one entry of SetMany) and takes its reservation, or a lease as the call
@@ -539,8 +566,10 @@ impl Cache for SidecarService {
         let r = request.into_inner();
         let cache = self.cache("Set", &who, &r.cache)?;
         let w = self.write("Set", &who, cache, r)?;
-        let _lock = self.key_lock(cache.name(), &w.key).lock().await;
-        let (stored, seq) = self.store("Set", &who, cache, w).await?;
+        let lock = self.key_lock(cache.name(), &w.key).lock().await;
+        let (stored, pending) = self.store("Set", &who, cache, w).await?;
+        drop(lock);
+        let seq = self.confirm(pending).await?;
         Ok(Response::new(SetResponse { stored, seq }))
     }
 
@@ -555,8 +584,10 @@ impl Cache for SidecarService {
         }
         // Concurrently, so that the invalidations travel in one batch; each holds its key's lock.
         let results = futures::future::join_all(writes.into_iter().map(|w| async {
-            let _lock = self.key_lock(cache.name(), &w.key).lock().await;
-            self.store("SetMany", &who, cache, w).await
+            let lock = self.key_lock(cache.name(), &w.key).lock().await;
+            let (stored, pending) = self.store("SetMany", &who, cache, w).await?;
+            drop(lock);
+            self.confirm(pending).await.map(|seq| (stored, seq))
         }))
         .await;
         let stored = results
@@ -571,14 +602,16 @@ impl Cache for SidecarService {
         let r = request.into_inner();
         let cache = self.cache("Add", &who, &r.cache)?;
         let w = self.write("Add", &who, cache, r)?;
-        let _lock = self.key_lock(cache.name(), &w.key).lock().await;
+        let lock = self.key_lock(cache.name(), &w.key).lock().await;
         if self.read(cache, &w.key).await.is_some() {
             return Ok(Response::new(AddResponse {
                 added: false,
                 stored: false,
             }));
         }
-        let (stored, _) = self.store("Add", &who, cache, w).await?;
+        let (stored, pending) = self.store("Add", &who, cache, w).await?;
+        drop(lock);
+        self.confirm(pending).await?;
         Ok(Response::new(AddResponse { added: true, stored }))
     }
 
@@ -587,7 +620,7 @@ impl Cache for SidecarService {
         let r = request.into_inner();
         let cache = self.cache("Incr", &who, &r.cache)?;
         self.check_key("Incr", &who, "key", &r.key)?;
-        let _lock = self.key_lock(cache.name(), &r.key).lock().await;
+        let lock = self.key_lock(cache.name(), &r.key).lock().await;
         // Taken before the read: an invalidation between the read and the write refuses it.
         let lease = cache.reserve(&r.key);
         let Some(mut current) = self.read(cache, &r.key).await else {
@@ -605,7 +638,7 @@ impl Cache for SidecarService {
             .checked_add(r.delta)
             .ok_or_else(|| Status::out_of_range(format!("{n} + {} overflows a signed 64-bit integer", r.delta)))?;
         current.value = Bytes::from(value.to_string());
-        let (stored, _) = self
+        let (stored, pending) = self
             .store(
                 "Incr",
                 &who,
@@ -618,6 +651,8 @@ impl Cache for SidecarService {
                 },
             )
             .await?;
+        drop(lock);
+        self.confirm(pending).await?;
         Ok(Response::new(IncrResponse { value, stored }))
     }
 
@@ -658,18 +693,20 @@ impl Cache for SidecarService {
             r.reason
         };
         let results = futures::future::join_all(r.keys.iter().map(|k| async {
-            let _lock = self.key_lock(cache.name(), k).lock().await;
+            let lock = self.key_lock(cache.name(), k).lock().await;
             let existed = self.read(cache, k).await.is_some();
-            self.invalidate(
-                "Delete",
-                &who,
-                cache.name(),
-                Target::Key(k.clone()),
-                None,
-                reason.clone(),
-            )
-            .await
-            .map(|_| existed)
+            let pending = self
+                .apply(
+                    "Delete",
+                    &who,
+                    cache.name(),
+                    Target::Key(k.clone()),
+                    None,
+                    reason.clone(),
+                )
+                .await?;
+            drop(lock);
+            self.confirm(pending).await.map(|_| existed)
         }))
         .await;
         let existed = results.into_iter().collect::<Result<Vec<_>, _>>()?;

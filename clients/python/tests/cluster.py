@@ -266,6 +266,12 @@ class Cluster:
         self.nodes.append(n)
         return n
 
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         for n in self.nodes:
             n.stop()
