@@ -51,6 +51,7 @@ pub struct Node {
     stop_serving: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     metrics: Option<JoinHandle<()>>,
+    reads: Option<JoinHandle<()>>,
     health: tonic_health::server::HealthReporter,
 }
 
@@ -72,6 +73,12 @@ impl Node {
                 None,
             ),
             GrpcListener::Unix(_, path) => (SocketAddr::from(([0, 0, 0, 0], 0)), Some(path.clone())),
+        };
+        let read_listener = match &config.read_listen {
+            Some(path) => Some(
+                crate::readsock::bind(path).map_err(|e| NodeError::Listen(format!("unix:{}", path.display()), e))?,
+            ),
+            None => None,
         };
         let metrics_listener = match &config.metrics_listen {
             Some(a) => Some(
@@ -157,14 +164,25 @@ impl Node {
                 .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
                 .map_err(|e| NodeError::Config(format!("tls: {e}")))?;
         }
+        let sidecar = SidecarService::new(state.clone());
         let router = server
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(AdminServer::new(AdminService::new(state.clone())))
-            .add_service(CacheServer::new(SidecarService::new(state.clone())));
+            .add_service(CacheServer::new(sidecar.clone()));
         let (stop_serving, serving) = watch::channel(false);
         let mut until = serving.clone();
+        let reads = match (read_listener, &config.read_listen) {
+            (Some(l), Some(path)) => Some(tokio::spawn(crate::readsock::serve(
+                l,
+                path.clone(),
+                state.clone(),
+                sidecar.clone(),
+                serving.clone(),
+            ))),
+            _ => None,
+        };
         let stop = async move { crate::audit::stopped(&mut until).await };
         let server = match listener {
             GrpcListener::Tcp(l) => tokio::spawn(
@@ -190,6 +208,7 @@ impl Node {
             stop_serving,
             server,
             metrics,
+            reads,
             health,
         })
     }
@@ -233,6 +252,9 @@ impl Node {
         let _ = tokio::time::timeout(Duration::from_secs(15), self.server).await;
         if let Some(m) = self.metrics {
             m.abort();
+        }
+        if let Some(r) = self.reads {
+            let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
         }
         // The bus publishes what is queued and writes the receipts still pending.
         self.state.bus.shutdown().await;

@@ -521,6 +521,27 @@ impl SidecarService {
         })
     }
 
+    /// Get (one key) or GetMany, for the read socket (`crate::readsock`): the same checks,
+    /// answers and reservations as the gRPC calls.
+    pub(crate) async fn read_many(
+        &self,
+        who: &Principal,
+        cache: &str,
+        keys: &[String],
+        reserve: bool,
+    ) -> Result<Vec<GetResponse>, Status> {
+        let cache = self.cache("ReadSocket", who, cache)?;
+        self.check_batch("ReadSocket", who, keys.len())?;
+        for k in keys {
+            self.check_key("ReadSocket", who, "key", k)?;
+        }
+        let mut entries = Vec::with_capacity(keys.len());
+        for k in keys {
+            entries.push(self.get_one(cache, k, reserve).await);
+        }
+        Ok(entries)
+    }
+
     async fn get_one(&self, cache: &invalbus::Cache<Bytes>, key: &str, reserve: bool) -> GetResponse {
         match self.read(cache, key).await {
             Some(s) => s.into_get(now_ms()),

@@ -101,6 +101,10 @@ def main() -> int:
             },
             "invalbus_l1": {**inv, "OPTIONS": {"TOKEN": TOKEN, "LOCAL_MAX_ENTRIES": 10_000}},
             "invalbus": {**inv, "OPTIONS": {"TOKEN": TOKEN, "LOCAL_MAX_ENTRIES": 0}},
+            "invalbus_rs": {
+                **inv,
+                "OPTIONS": {"TOKEN": TOKEN, "LOCAL_MAX_ENTRIES": 0, "READ_SOCKET": node.read_address},
+            },
         }
         have_redis = redis_up()
         if have_redis:
@@ -117,7 +121,8 @@ def main() -> int:
             ("LocMemCache", "default"),
             ("django-redis (TCP, local redis-server)", "redis"),
             ("InvalbusCache with L1", "invalbus_l1"),
-            ("InvalbusCache without L1 (Unix socket)", "invalbus"),
+            ("InvalbusCache without L1 (gRPC, Unix socket)", "invalbus"),
+            ("InvalbusCache without L1 (read socket)", "invalbus_rs"),
         ]
         results: dict[str, dict[str, float]] = {}
         for label, alias in names:

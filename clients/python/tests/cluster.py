@@ -192,11 +192,13 @@ class Node:
             self.address = f"127.0.0.1:{self.port}"
         else:
             self.address = f"unix:{self.dir / 'node.sock'}"
+        self.read_address = f"unix:{self.dir / 'read.sock'}"
         cache_tables = "".join(
             f'\n[[caches]]\nname = "{c}"\nmax_entries = 100000\nttl_secs = {ttl_secs}\n' for c in caches
         )
         (self.dir / "node.toml").write_text(
             f'node_id = "{node_id}"\nnamespace = "{namespace}"\nlisten = "{self.address}"\n'
+            f'read_listen = "{self.read_address}"\n'
             f'[nats]\nurl = "{nats_url}"\n[jetstream]\nenabled = {"true" if jetstream else "false"}\n'
             f'[[tokens]]\nname = "pytest"\ntoken = "{TOKEN}"\nroles = ["cache", "read", "purge"]\n' + cache_tables
         )

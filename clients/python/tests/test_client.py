@@ -205,3 +205,35 @@ def test_a_client_made_before_fork_opens_its_channel_in_the_child(two_nodes: tup
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
     assert c.get(k).value == b"child"
+
+
+def test_the_read_socket_answers_as_grpc_does(two_nodes: tuple[object, Node, Node]) -> None:
+    from invalbus import ReadSocket
+
+    _, a, _ = two_nodes
+    c = a.client()
+    rs = ReadSocket(a.read_address, token=TOKEN)
+    k = key("rs")
+    c.set(k, b"\x80value", tags=["t1", "t2"], version=9, ttl=60)
+    hit = rs.get(k)
+    assert (hit.found, hit.value, hit.tags, hit.version) == (True, b"\x80value", ("t1", "t2"), 9)
+    assert 0 < hit.ttl_ms <= 60_000
+    miss = rs.get(key("absent"), reserve=True)
+    assert not miss.found and miss.reservation.startswith("rs-")
+    assert c.set(key("other"), b"v") is True
+    got = rs.get_many([k, key("absent"), k])
+    assert [g.found for g in got] == [True, False, True] and got[1].reservation == ""
+    # A reservation from the read socket is as good as one from gRPC.
+    k2 = key("rs-res")
+    r = rs.get(k2, reserve=True).reservation
+    assert c.set(k2, b"filled", reservation=r) is True
+    assert rs.get(k2).value == b"filled"
+    # Refusals: a bad request keeps the connection; a bad token is refused.
+    with pytest.raises(InvalidArgument, match="unknown cache"):
+        ReadSocket(a.read_address, token=TOKEN, cache="nosuch").get("k")
+    with pytest.raises(InvalidArgument):
+        rs.get("")
+    assert rs.get(k).found
+    with pytest.raises(AuthError):
+        ReadSocket(a.read_address, token="wrong-token-0123456789").get("k")
+    rs.close()

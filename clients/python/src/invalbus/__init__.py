@@ -18,6 +18,7 @@ from .errors import (
     Unavailable,
 )
 from .local import LocalLayer
+from .readsock import ReadSocket
 
 __all__ = [
     "AsyncClient",
@@ -30,6 +31,7 @@ __all__ = [
     "KeyNotFound",
     "LocalLayer",
     "NotAnInteger",
+    "ReadSocket",
     "ReservationLost",
     "SetItem",
     "Unavailable",

@@ -34,6 +34,8 @@ def main() -> int:
         os.environ["INVALBUS_LOCATION"] = node.address
         os.environ["INVALBUS_TOKEN"] = TOKEN
         os.environ["INVALBUS_LOCAL_MAX_ENTRIES"] = "10000" if a.local else "0"
+        # Without the L1, reads go through the node's read socket (with it, through gRPC).
+        os.environ["INVALBUS_READ_SOCKET"] = "" if a.local else node.read_address
         os.environ["DJANGO_SETTINGS_MODULE"] = "settings"
         sys.path[:0] = [str(HERE), str(a.django_tests.resolve())]
         import django

@@ -13,6 +13,7 @@ BACKEND = {
     "OPTIONS": {
         "TOKEN": os.environ["INVALBUS_TOKEN"],
         "LOCAL_MAX_ENTRIES": int(os.environ.get("INVALBUS_LOCAL_MAX_ENTRIES", "0")),
+        "READ_SOCKET": os.environ.get("INVALBUS_READ_SOCKET") or None,
     },
 }
 
