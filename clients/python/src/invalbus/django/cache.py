@@ -124,6 +124,9 @@ class InvalbusCache(BaseCache):
         return local.take(self._owner, key) if self._reserve else ""
 
     def _drop_local(self, keys: Iterable[str]) -> None:
+        # Called before a write (so that this process stops serving the old copy) and after it
+        # (a read by another thread in between may have copied the old value back; the write's
+        # own event would drop it too, a stream delivery later).
         if self._l1 is not None:
             for k in keys:
                 self._l1.drop(k)
@@ -157,6 +160,7 @@ class InvalbusCache(BaseCache):
             self._client.delete([key], reason="set with timeout 0")
             return
         self._client.set(key, data, ttl=ttl, reservation=self._take(key))
+        self._drop_local([key])
 
     def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         key = self.make_and_validate_key(key, version=version)
@@ -166,7 +170,9 @@ class InvalbusCache(BaseCache):
             # Added and expired at once, as LocMemCache does: true if there was no value.
             return not self._client.get(key).found
         self._drop_local([key])
-        return self._client.add(key, data, ttl=ttl, reservation=self._take(key))
+        added = self._client.add(key, data, ttl=ttl, reservation=self._take(key))
+        self._drop_local([key])
+        return added
 
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         key = self.make_and_validate_key(key, version=version)
@@ -180,7 +186,9 @@ class InvalbusCache(BaseCache):
         key = self.make_and_validate_key(key, version=version)
         self._drop_local([key])
         local.forget(self._owner, key)
-        return self._client.delete([key])[0]
+        existed = self._client.delete([key])[0]
+        self._drop_local([key])
+        return existed
 
     def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
         made = {self.make_and_validate_key(k, version=version): k for k in keys}
@@ -214,6 +222,7 @@ class InvalbusCache(BaseCache):
             self._client.delete(list(items), reason="set_many with timeout 0")
             return []
         self._client.set_many(SetItem(k, v, ttl, (), None, self._take(k)) for k, v in items.items())
+        self._drop_local(items)
         # A value not cached because an invalidation overtook it is not a failure: the key was
         # written by someone else meanwhile.
         return []
@@ -223,6 +232,7 @@ class InvalbusCache(BaseCache):
         if made:
             self._drop_local(made)
             self._client.delete(made)
+            self._drop_local(made)
 
     def has_key(self, key: Any, version: int | None = None) -> bool:
         key = self.make_and_validate_key(key, version=version)
@@ -239,6 +249,8 @@ class InvalbusCache(BaseCache):
             raise ValueError(f"Key '{key}' not found") from None
         except NotAnInteger as e:
             raise TypeError(str(e)) from None
+        finally:
+            self._drop_local([key])
 
     def decr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
         return self.incr(key, -delta, version=version)
@@ -254,12 +266,16 @@ class InvalbusCache(BaseCache):
         miss's reservation. Not a write: nothing is published, and a value overtaken by an
         invalidation is returned but not cached."""
         made = self.make_and_validate_key(key, version=version)
+        since = 0
         if self._l1 is not None:
             data = self._l1.get(made)
             if data is not None:
                 return self._loads(data)
+            since = self._l1.begin()
         e = self._client.get_or_reserve(made)
         if e.found:
+            if self._l1 is not None:
+                self._l1.put(made, e.value, e.tags, e.ttl_ms, since)
             return self._loads(e.value)
         if callable(default):
             default = default()
@@ -286,12 +302,16 @@ class InvalbusCache(BaseCache):
         Django's `version` names the key's version), unless an invalidation overtook the load.
         """
         made = self.make_and_validate_key(key, version=version)
+        since = 0
         if self._l1 is not None:
             data = self._l1.get(made)
             if data is not None:
                 return self._loads(data)
+            since = self._l1.begin()
         e = self._client.get_or_reserve(made)
         if e.found:
+            if self._l1 is not None:
+                self._l1.put(made, e.value, e.tags, e.ttl_ms, since)
             return self._loads(e.value)
         value = loader()
         ttl = self._ttl(timeout)
@@ -448,12 +468,16 @@ class InvalbusCache(BaseCache):
         self, key: Any, default: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None
     ) -> Any:
         made = self.make_and_validate_key(key, version=version)
+        since = 0
         if self._l1 is not None:
             data = self._l1.get(made)
             if data is not None:
                 return self._loads(data)
+            since = self._l1.begin()
         e = await self._aclient.get_or_reserve(made)
         if e.found:
+            if self._l1 is not None:
+                self._l1.put(made, e.value, e.tags, e.ttl_ms, since)
             return self._loads(e.value)
         if callable(default):
             default = default()
