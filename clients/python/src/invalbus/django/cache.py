@@ -372,6 +372,7 @@ class InvalbusCache(BaseCache):
             await self._aclient.delete([key], reason="set with timeout 0")
             return
         await self._aclient.set(key, data, ttl=ttl, reservation=self._take(key))
+        self._drop_local([key])
 
     async def aadd(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         key = self.make_and_validate_key(key, version=version)
@@ -380,7 +381,9 @@ class InvalbusCache(BaseCache):
         if ttl is not None and ttl <= 0:
             return not (await self._aclient.get(key)).found
         self._drop_local([key])
-        return await self._aclient.add(key, data, ttl=ttl, reservation=self._take(key))
+        added = await self._aclient.add(key, data, ttl=ttl, reservation=self._take(key))
+        self._drop_local([key])
+        return added
 
     async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         key = self.make_and_validate_key(key, version=version)
@@ -394,7 +397,9 @@ class InvalbusCache(BaseCache):
         key = self.make_and_validate_key(key, version=version)
         self._drop_local([key])
         local.forget(self._owner, key)
-        return (await self._aclient.delete([key]))[0]
+        existed = (await self._aclient.delete([key]))[0]
+        self._drop_local([key])
+        return existed
 
     async def aget_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
         made = {self.make_and_validate_key(k, version=version): k for k in keys}
@@ -431,6 +436,7 @@ class InvalbusCache(BaseCache):
             await self._aclient.delete(list(items), reason="set_many with timeout 0")
             return []
         await self._aclient.set_many(SetItem(k, v, ttl, (), None, self._take(k)) for k, v in items.items())
+        self._drop_local(items)
         return []
 
     async def adelete_many(self, keys: Iterable[Any], version: int | None = None) -> None:
@@ -438,6 +444,7 @@ class InvalbusCache(BaseCache):
         if made:
             self._drop_local(made)
             await self._aclient.delete(made)
+            self._drop_local(made)
 
     async def ahas_key(self, key: Any, version: int | None = None) -> bool:
         key = self.make_and_validate_key(key, version=version)
@@ -454,6 +461,8 @@ class InvalbusCache(BaseCache):
             raise ValueError(f"Key '{key}' not found") from None
         except NotAnInteger as e:
             raise TypeError(str(e)) from None
+        finally:
+            self._drop_local([key])
 
     async def adecr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
         return await self.aincr(key, -delta, version=version)
