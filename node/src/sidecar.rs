@@ -15,14 +15,17 @@
 //!    copy), then fills again through a lease taken after it, refused by anything landing in
 //!    between.
 //!
-//! The value is cached only if both fills are. What is not covered is an invalidation applied
-//! in the few microseconds between the end of step 1 and the local apply of step 2's own
-//! invalidation of the same key (the library has no "publish without applying here"); a
-//! concurrent write of the same key through this node is excluded by the per-key lock that
-//! every write holds. Tested by `stale_set_is_refused_after_a_peer_invalidation` in
-//! `clients/python/tests/test_client.py` (forced interleaving across two nodes) and by
-//! `sidecar_refuses_a_fill_overtaken_by_an_invalidation_from_another_node` in
-//! `tests/tests/node.rs`.
+//! The value is cached only if both fills are. Not covered: an invalidation of the same key
+//! applied in the microseconds between the end of step 1 and the local apply of step 2's own
+//! invalidation, or between that apply and step 2's lease (the library has no "publish without
+//! applying here", and a lease taken before the write's own invalidation would be refused by
+//! it). A concurrent write of the same key through this node is excluded by the per-key lock
+//! that every write holds while it fills (not while it waits for NATS). Tested by
+//! `test_stale_set_is_refused_after_a_peer_invalidation` in `clients/python/tests/test_client.py`
+//! and `test_get_miss_then_set_is_refused_when_a_write_overtook_it` in `test_django.py` (forced
+//! interleaving across two nodes, each with a control that caches the stale value without the
+//! reservation), and by `sidecar_refuses_a_fill_overtaken_by_an_invalidation_from_another_node`
+//! in `tests/tests/node.rs`.
 //!
 //! Values are stored with a small header ([`Stored`]) that keeps the entry's tags, version and
 //! expiry, so that `Incr` and `Touch` can write the entry again without losing what a tag purge
