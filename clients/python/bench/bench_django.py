@@ -137,9 +137,7 @@ def main() -> int:
             print(f"bench: {label}", file=sys.stderr)
             results[label] = measure(cache, n_get, n_set, n_many)
             if alias == "invalbus_l1":
-                results[label]["l1_hit_ratio"] = cache.local.stats["hits"] / max(
-                    1, cache.local.stats["hits"] + cache.local.stats["misses"]
-                )
+                results[label]["l1_hit_ratio"] = cache.local.hits / max(1, cache.local.hits + cache.local.misses)
             if alias == "redis":
                 cache.clear()
     print(f"\nsamples: get {n_get}, set {n_set}, get_many(10) {n_many}; µs\n")

@@ -93,6 +93,18 @@ def forget_all(owner: int) -> None:
         _reservations.set({k: v for k, v in current.items() if k[0] != owner})
 
 
+# Bumped in a child after fork: a layer compares it instead of calling os.getpid() per read.
+_fork_generation = 0
+
+
+def _forked() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
 #: Longest time the L1 serves after the last keepalive, whatever the node vouches for.
 MAX_SILENCE = 1.0
 #: Most distinct keys remembered as recently invalidated before falling back to "everything".
@@ -118,6 +130,7 @@ class LocalLayer:
         self._max = max_entries
         self._lock = threading.Lock()
         self._pid = -1
+        self._generation = -1
         self._reset()
 
     def _reset(self) -> None:
@@ -129,17 +142,20 @@ class LocalLayer:
         self._serving_until = 0.0
         self._stream = None
         self._stop = threading.Event()
-        self.stats = {"hits": 0, "misses": 0, "refused_puts": 0, "drops": 0, "streams": 0}
+        self.hits = 0
+        self.misses = 0
+        self.stats = {"refused_puts": 0, "drops": 0, "streams": 0}
 
     def _ensure(self) -> None:
-        if self._pid == os.getpid():
+        if self._generation == _fork_generation:
             return
         with self._lock:
-            if self._pid == os.getpid():
+            if self._generation == _fork_generation and self._pid == os.getpid():
                 return
             # A new process (first use, or a fork): nothing of the parent's copy or thread.
             self._reset()
             self._pid = os.getpid()
+            self._generation = _fork_generation
             threading.Thread(target=self._run, name="invalbus-l1-watch", daemon=True).start()
 
     def serving(self) -> bool:
@@ -149,15 +165,16 @@ class LocalLayer:
 
     def get(self, key: str) -> bytes | None:
         """The copy of `key`, if the L1 may serve and holds a live one."""
-        self._ensure()
+        if self._generation != _fork_generation:
+            self._ensure()
         now = time.monotonic()
         if now >= self._serving_until:
             return None
         c = self._entries.get(key)
         if c is None or c.expires <= now:
-            self.stats["misses"] += 1
+            self.misses += 1
             return None
-        self.stats["hits"] += 1
+        self.hits += 1
         return c.value
 
     def begin(self) -> int:
@@ -205,6 +222,7 @@ class LocalLayer:
             s = self._stream
             self._drop_all()
             self._pid = -1
+            self._generation = -1
         if s is not None:
             s.cancel()
 
