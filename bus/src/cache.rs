@@ -32,6 +32,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::codec::Target;
 use crate::config::CacheConfig;
+use crate::floors::{FloorCheck, Floors};
 use crate::metrics::{CacheMetrics, CacheStats};
 
 /// A value returned by a loader, with the tags and version it is cached under.
@@ -286,7 +287,7 @@ pub(crate) struct LocalCache<V> {
     base: Instant,
     open_leases: std::sync::atomic::AtomicUsize,
     prefixes: RwLock<Vec<PrefixRecord>>,
-    floors: moka::sync::Cache<String, u64>,
+    floors: Floors,
     leases: Mutex<HashMap<String, KeyLeases<V>>>,
     sweep: Notify,
     tally: Mutex<Tally>,
@@ -308,10 +309,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             builder = builder.time_to_idle(tti);
         }
         let window = config.version_window.unwrap_or(config.time_to_live);
-        let floors = moka::sync::Cache::builder()
-            .max_capacity(config.max_capacity.max(1024))
-            .time_to_live(window)
-            .build();
+        let floors = Floors::new(config.max_capacity, window);
         let cache = Arc::new(LocalCache {
             name: name.to_owned(),
             max_tags,
@@ -528,7 +526,17 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         }
         let min = lease.min_version.load(Ordering::SeqCst);
         let below_floor = match version {
-            Some(v) => v < min || self.floors.get(key).is_some_and(|floor| v < floor),
+            Some(v) => {
+                v < min
+                    || match self.floors.check(key, v) {
+                        FloorCheck::Clear => false,
+                        FloorCheck::Below => true,
+                        FloorCheck::Overflow => {
+                            self.metrics.floor_overflow_refusals.inc();
+                            true
+                        }
+                    }
+            }
             // An unversioned value cannot show it is at least the version a write announced.
             None => min > 0,
         };
@@ -813,9 +821,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             }
         }
         if let Some(v) = version {
-            self.floors
-                .entry_by_ref(key)
-                .and_upsert_with(|cur| cur.map_or(v, |e| (*e.value()).max(v)));
+            self.floors.raise(key, v);
         }
         self.moka.contains_key(key)
     }
@@ -876,6 +882,8 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             bypassed_reads: m.bypassed_reads.get(),
             invalidations_applied: m.invalidations_applied.get(),
             flushes: m.flushes.get(),
+            floor_overflow_refusals: m.floor_overflow_refusals.get(),
+            floors_overflowed: self.floors.overflowed.load(Ordering::Relaxed),
         }
     }
 

@@ -109,6 +109,8 @@ pub struct Heartbeat {
     pub caches: Vec<(String, u64)>,
     /// Whether the sender writes a receipt for every batch it applies.
     pub writes_receipts: bool,
+    /// Counts the sender's heartbeats in this epoch, from 1.
+    pub beat: u64,
 }
 
 /// Why a message from the network was refused.
@@ -294,6 +296,7 @@ pub fn encode_heartbeat(hb: &Heartbeat) -> Bytes {
             })
             .collect(),
         writes_receipts: hb.writes_receipts,
+        beat: hb.beat,
     };
     Bytes::from(msg.encode_to_vec())
 }
@@ -322,6 +325,7 @@ pub fn decode_heartbeat(payload: &[u8], namespace: &str, limits: &Limits) -> Res
         namespace: msg.namespace,
         caches: msg.caches.into_iter().map(|c| (c.name, c.entries)).collect(),
         writes_receipts: msg.writes_receipts,
+        beat: msg.beat,
     })
 }
 

@@ -112,6 +112,10 @@ impl CacheConfig {
     }
 }
 
+/// How long the streams keep batches and receipts by default: the one source of this default
+/// for the library and the node.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Settings of the JetStream stream that keeps every batch for replay (and for the audit log).
 ///
 /// ```
@@ -121,8 +125,8 @@ impl CacheConfig {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JetStreamConfig {
-    /// How long batches are kept (default 24 h). A node cut off for longer flushes instead of
-    /// replaying.
+    /// How long batches are kept (default 7 days: the audit log's depth). The streams are
+    /// created with it; an existing stream keeps its own unless the bus manages the streams.
     pub max_age: Duration,
     /// Most bytes kept (default 1 GiB); the oldest batches go first.
     pub max_bytes: i64,
@@ -134,23 +138,16 @@ pub struct JetStreamConfig {
     /// How long a batch is retried before its tickets get an error (the invalidation was
     /// applied locally; peers that missed it find the gap and flush).
     pub publish_deadline: Duration,
-    /// How far back a replay starts before the last batch applied, to cover clock skew
-    /// between the publisher and the NATS server.
-    pub replay_margin: Duration,
-    /// How long a replay may take before the node gives up and flushes.
-    pub replay_timeout: Duration,
 }
 
 impl Default for JetStreamConfig {
     fn default() -> Self {
         JetStreamConfig {
-            max_age: Duration::from_secs(24 * 3600),
+            max_age: DEFAULT_MAX_AGE,
             max_bytes: 1 << 30,
             replicas: 1,
             ack_timeout: Duration::from_secs(2),
             publish_deadline: Duration::from_secs(30),
-            replay_margin: Duration::from_secs(5),
-            replay_timeout: Duration::from_secs(10),
         }
     }
 }

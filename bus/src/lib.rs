@@ -33,23 +33,32 @@
 //! ```
 //!
 //! # Layout
+//! Bottom to top; each module imports only modules above it in this list.
 //! - `codec`: the domain types ([`Invalidation`], [`Target`]) and their defensive encoding to
 //!   and from the wire schema of `invalbus-proto`, with the size limits of [`Limits`].
 //! - `config`: [`Limits`], [`CacheConfig`] and [`JetStreamConfig`].
 //! - `metrics`: striped counters and latency histograms, and their snapshots ([`BusStats`],
 //!   [`CacheStats`]).
+//! - `floors`: version floors, bounded, with an overflow sketch that never loses one.
 //! - `cache`: one named local cache: moka entries stamped with a generation, purge records
-//!   checked on read, and leases that refuse fills overtaken by an invalidation.
+//!   checked on read, version floors, and leases that refuse fills overtaken by an invalidation.
+//! - `apply`: the object-safe face of a cache that invalidations are applied through, and what
+//!   an application leaves behind ([`Applied`], [`PendingDrops`], [`CacheEvent`]).
 //! - `transport`: the link to peers: a NATS connection, or an [`InProcessHub`] with the same
 //!   semantics for single-process use and tests.
-//! - `repair`: what keeps the caches honest after loss: the health gate that decides whether
-//!   caches may serve, per-origin sequence tracking (gaps, epochs), and replay of missed batches
-//!   from the JetStream stream, with detection of a history the stream no longer holds.
-//! - `bus`: [`Bus`] and [`Cache`]: the publisher task that batches this node's invalidations
-//!   (acknowledged by the stream when one is configured), the receiver task that applies its
-//!   peers' and repairs what it finds missing, heartbeats, the watchdog, and the peer table.
+//! - `gate`: whether the caches may serve, from the freshest evidence, on a monotonic clock.
+//! - `origins`: per-origin sequence tracking on both paths (what was applied, what is lost).
+//! - `peers`: the peer table, bounded in size and age ([`Peer`]).
+//! - `stream`: the JetStream streams (created once, changed only by a node that manages them),
+//!   the follower that reads the batch stream in order, and the check of what it still holds.
 //! - `receipts`: the recorder that writes a [`Receipt`] for every batch this node applies (the
 //!   audit log's "who applied it, when, and what it dropped"), to JetStream when configured.
+//! - `state`: what the tasks and handles of one bus share.
+//! - `publisher`: the task that batches this node's invalidations and publishes them
+//!   (acknowledged by the stream when there is one), and the heartbeats.
+//! - `receiver`: the task that applies peers' batches from the live path and the stream path,
+//!   gathers the gate's evidence, and flushes for what is lost; the watchdog.
+//! - `bus`: the public handles [`Bus`] and [`Cache`]; `builder`: [`BusBuilder`].
 //!
 //! # Guarantees
 //! **When an invalidation call returns** (`invalidate_key`, `_version`, `_tag`, `_prefix`,
@@ -62,64 +71,94 @@
 //! **Versions**: a versioned invalidation at version `v` drops the key's entry if its version
 //! is below `v` and refuses fills below `v` for the cache's version window (default: its time
 //! to live). An invalidation that arrives late, twice, or out of order never brings back an
-//! older value.
-//!
-//! **Peers**: the invalidation is queued for publishing when the call returns; the returned
-//! [`Ticket`] tells when its batch was handed to the transport. Each peer applies batches of
-//! one origin in sequence order, skips duplicates and its own echoes, and gives the same
-//! guarantees as above from the moment it has applied the batch.
+//! older value. Floors are kept per key while the cache has room for them; when it must drop
+//! some, it keeps their maximum per hash bucket instead, so a dropped floor still refuses the
+//! fills it would have refused (and some others: [`CacheStats::floor_overflow_refusals`]).
 //!
 //! **Time**: every entry expires after its cache's time to live whatever happens to messages
 //! (events plus time).
 //!
-//! **Loss and outages: the staleness bound.** With a JetStream stream configured
-//! ([`BusBuilder::jetstream`]), an invalidation is *accepted* when its [`Ticket`] resolves
-//! `Ok`: the stream has acknowledged it (an acknowledgement that timed out is retried with the
-//! same message id, so it is stored once; it means "unknown", never "lost"). From then on, no
-//! read on any node of the namespace returns data older than that invalidation for longer than
-//! [`Bus::staleness_bound`] = `heartbeat_interval + max_staleness` (+ 10 ms of watchdog tick;
-//! 2 s with the defaults of 1 s and 1 s), whatever NATS does in between: a node serves from its
-//! caches only while its own heartbeat keeps coming back through NATS within
-//! `heartbeat_interval + max_staleness`, so a node that is cut off, even silently, stops serving
-//! (reads go to the loader, nothing is cached) within that bound. Every batch carries
-//! `(origin, epoch, seq)`; a node that sees a gap, a peer's heartbeat announcing a batch it never
-//! got (tail loss), a slow-consumer event, a reconnect or a lapse of its own heartbeat stops
-//! serving at once, replays exactly what it missed from the stream, and serves again; when the
-//! stream no longer holds it (retention passed, stream unreachable, replay timeout), it flushes
-//! the caches instead and counts why ([`BusStats::repair_flushes`]). Zero misses are tolerated.
+//! **The staleness bound, with JetStream** ([`BusBuilder::jetstream`]). An invalidation is
+//! *accepted* when its [`Ticket`] resolves `Ok`: the stream has acknowledged it (an
+//! acknowledgement that timed out is retried with the same message id, so it is stored once; a
+//! timeout means "unknown", never "lost"). Then **no read on any node of the namespace returns
+//! data older than that invalidation by more than [`Bus::staleness_bound`]** (`heartbeat_interval
+//! + max_staleness`, 2 s with the defaults), whatever NATS does in between: partitions of a
+//! node's link or of the routes between servers, resets, slow consumers, restarts, stream leader
+//! changes. The argument, which an SRE can check against `receiver` and `gate`:
+//! 1. A node serves from its caches at time `t` only if it holds evidence, gathered at some
+//!    `t0 >= t - bound` on its monotonic clock, that it had applied every invalidation accepted
+//!    before `t0`. Reads check this on the clock, each time.
+//! 2. The evidence is the node's own heartbeat, sent at `t0` and stored in the batch stream,
+//!    coming back to it through its ordered consumer of that stream. The stream stores and
+//!    delivers messages in one order, and only once a quorum of its replicas committed them; the
+//!    node applies every batch the consumer delivers before the heartbeat.
+//! 3. An invalidation accepted before `t0` was committed before the heartbeat was sent, so the
+//!    stream delivers it before the heartbeat, and the node applied it (from the stream, or
+//!    earlier from NATS directly). A node that cannot reach the stream's quorum gets no evidence
+//!    and stops serving within the bound.
 //!
-//! Without JetStream the same detection runs, but every repair is a flush, and tickets resolve
-//! when the batch is handed to the NATS client, which proves nothing about delivery.
+//! What it assumes: JetStream's commit order (Raft), and that no node's process is paused
+//! between a read's gate check and its return for longer than the rest of its window. What it
+//! costs: every node also reads every batch from the stream (deduplicated, applied only when
+//! NATS did not deliver it first); each node stores its heartbeat in the stream, rolled up to
+//! one message per node; and caches stop serving (reads go to the loader, nothing is cached)
+//! while the stream's quorum is unreachable from the node, for example during a leader election.
+//!
+//! A batch the stream never stored (its publish failed, so it was never accepted), a history
+//! the stream no longer holds (retention passed while a node lagged), or a heartbeat announcing
+//! batches the stream does not have: the node flushes every cache and counts why
+//! ([`BusStats::repair_flushes`]).
+//!
+//! **Without JetStream** nothing shows that an invalidation was accepted by anyone: a ticket
+//! resolves when the batch is handed to the NATS client. The node's evidence is its own heartbeat
+//! coming back through NATS, which proves its own link works, not that every invalidation
+//! reached it. Guaranteed: every loss the node can see makes it flush every cache: a hole in an
+//! origin's sequence, an origin met past its first batch, a heartbeat announcing batches it never
+//! got, a slow-consumer drop, a reconnect, a lapse of its own heartbeat (a cut link, even silent,
+//! or a paused process stops serving within the bound). Not guaranteed: a route partition
+//! inside a NATS cluster (a node keeps hearing itself while another server's messages do not
+//! reach it) keeps stale data until the next batch or heartbeat of the cut-off origin arrives, or
+//! until the entries' time to live. Use JetStream where that matters.
 //!
 //! **Publishing during an outage**: invalidations queue (bounded by
 //! [`BusBuilder::outbound_queue`]); a full queue makes the call return
 //! [`InvalidateError::QueueFull`] after the local invalidation; a batch not acknowledged within
 //! [`JetStreamConfig::publish_deadline`] resolves its tickets with an error. Its sequence number
-//! is used up, so peers see the gap and flush if they cannot replay it.
+//! is used up, so peers that missed it flush.
 //!
-//! **Restarts**: a restarted node has a new epoch; peers reset their tracking of it without
-//! flushing.
+//! **Restarts**: a restarted node has a new epoch; peers track it from its first batch.
 
+mod apply;
+mod builder;
 mod bus;
 mod cache;
 mod codec;
 mod config;
+mod floors;
+mod gate;
 mod metrics;
+mod origins;
+mod peers;
+mod publisher;
 mod receipts;
-mod repair;
+mod receiver;
+mod state;
+mod stream;
 mod transport;
 
-pub use bus::{
-    now_us, Applied, BuildError, Bus, BusBuilder, Cache, CacheError, InvalidateError, Peer, PendingDrops, Published,
-    Reservation, Ticket,
-};
+pub use apply::{Applied, CacheEvent, PendingDrops};
+pub use builder::BusBuilder;
+pub use bus::{BuildError, Bus, Cache, CacheError, InvalidateError, Reservation, Ticket};
 pub use cache::{ApplyOutcome, FillOutcome, LoadError, Loaded};
 pub use codec::{
     decode_batch, decode_heartbeat, encode_batch, encode_heartbeat, Batch, DecodeError, Heartbeat, Invalidation, Target,
 };
-pub use config::{CacheConfig, JetStreamConfig, Limits};
+pub use config::{CacheConfig, JetStreamConfig, Limits, DEFAULT_MAX_AGE};
 pub use metrics::{BusStats, CacheStats, LatencySnapshot};
+pub use peers::Peer;
 pub use receipts::{all_receipts, receipt_subject, receipts_stream, Receipt};
+pub use state::{now_us, Published};
 pub use transport::{InProcessHub, PublishError};
 
 // The README's usage example is compiled and run as a doctest too.

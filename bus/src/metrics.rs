@@ -140,6 +140,7 @@ pub(crate) struct CacheMetrics {
     pub bypassed_reads: Counter,
     pub invalidations_applied: Counter,
     pub flushes: Counter,
+    pub floor_overflow_refusals: Counter,
 }
 
 /// A snapshot of one cache's figures.
@@ -165,6 +166,12 @@ pub struct CacheStats {
     pub invalidations_applied: u64,
     /// Whole-cache flushes, requested or forced by a repair.
     pub flushes: u64,
+    /// Fills refused by a version floor that had to leave the exact floor table (see the crate
+    /// docs on versions): possibly another key's floor, so possibly a needless miss.
+    pub floor_overflow_refusals: u64,
+    /// Floors moved out of the exact table because more keys were invalidated by version
+    /// within a window than it holds.
+    pub floors_overflowed: u64,
 }
 
 impl CacheStats {
@@ -198,11 +205,14 @@ pub(crate) struct BusMetrics {
     pub gaps: Counter,
     pub heartbeats_received: Counter,
     pub replayed: Counter,
-    pub repairs: Counter,
     pub repair_flushes: Counter,
     pub receipts_published: Counter,
     pub receipts_failed: Counter,
     pub receipts_lagged: Counter,
+    pub slow_consumer_events: Counter,
+    pub evidence: Counter,
+    pub duplicate_node_ids: Counter,
+    pub peers_refused: Counter,
     pub propagation: Latency,
 }
 
@@ -239,12 +249,27 @@ pub struct BusStats {
     pub gaps: u64,
     /// Heartbeats received from peers.
     pub heartbeats_received: u64,
-    /// Batches applied from the JetStream stream during repairs.
+    /// Batches applied from the stream path because the live path had not delivered them.
     pub replayed: u64,
-    /// Repairs started (gaps, tail loss, reconnects, slow consumer, heartbeat lapses).
+    /// Repairs: batches the stream path filled plus flushes (`replayed + repair_flushes`).
     pub repairs: u64,
-    /// Repairs that ended in a flush because the stream could not cover the loss.
+    /// Flushes of every cache because something was missed that cannot be applied (a batch
+    /// never stored, a history the stream no longer holds, or, without a stream, any loss).
     pub repair_flushes: u64,
+    /// Slow-consumer drops reported by the NATS client (messages dropped before the bus read
+    /// them).
+    pub slow_consumer_events: u64,
+    /// Pieces of evidence gathered (this node's heartbeat back through the stream, or without
+    /// one through NATS).
+    pub evidence: u64,
+    /// Heartbeats seen from another process using this node's id.
+    pub duplicate_node_ids: u64,
+    /// Heartbeats not recorded because the peer table was full.
+    pub peers_refused: u64,
+    /// Peers in the peer table.
+    pub peers: u64,
+    /// Origins whose sequences are tracked.
+    pub origins_tracked: u64,
     /// Time spent not serving from cache (cut off or repairing), in microseconds.
     pub suspect_us: u64,
     /// Receipts written (acknowledged by the receipts stream, with JetStream).
@@ -278,13 +303,19 @@ impl BusMetrics {
             gaps: self.gaps.get(),
             heartbeats_received: self.heartbeats_received.get(),
             replayed: self.replayed.get(),
-            repairs: self.repairs.get(),
+            repairs: self.replayed.get() + self.repair_flushes.get(),
             repair_flushes: self.repair_flushes.get(),
+            slow_consumer_events: self.slow_consumer_events.get(),
+            evidence: self.evidence.get(),
+            duplicate_node_ids: self.duplicate_node_ids.get(),
+            peers_refused: self.peers_refused.get(),
+            peers: 0,
+            origins_tracked: 0,
             receipts_published: self.receipts_published.get(),
             receipts_failed: self.receipts_failed.get(),
             receipts_lagged: self.receipts_lagged.get(),
             suspect_us: 0,
-            serving: true,
+            serving: false,
             propagation: self.propagation.snapshot(),
         }
     }

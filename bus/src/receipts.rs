@@ -22,7 +22,7 @@ use invalbus_proto::wire;
 use prost::Message;
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::bus::Applied;
+use crate::apply::Applied;
 use crate::codec::DecodeError;
 use crate::metrics::BusMetrics;
 

@@ -35,6 +35,10 @@ impl Subjects {
     pub fn all_inv(&self) -> String {
         format!("{}.inv.*", self.prefix)
     }
+    /// Every heartbeat of the namespace (the stream keeps each node's latest).
+    pub fn all_hb(&self) -> String {
+        format!("{}.hb.*", self.prefix)
+    }
     /// Splits a received subject into its kind (`inv` or `hb`) and origin.
     pub fn parse<'a>(&self, subject: &'a str) -> Option<(&'a str, &'a str)> {
         let rest = subject.strip_prefix(self.prefix.as_str())?.strip_prefix('.')?;

@@ -161,7 +161,7 @@ fn one() -> usize {
     1
 }
 fn default_max_age() -> u64 {
-    7 * 24 * 3600
+    invalbus::DEFAULT_MAX_AGE.as_secs()
 }
 fn default_max_bytes() -> i64 {
     1 << 30

@@ -89,6 +89,11 @@ pub struct DemoArgs {
     /// must report stale reads (and fail).
     #[arg(long, hide = true)]
     pub miss_article_invalidations: bool,
+    /// Tests the checker: one second in, node-1 silently drops this many of its peers' batches
+    /// (never applies them, on any path, and does not notice), so the demo must report stale
+    /// reads and batches never applied (and fail).
+    #[arg(long, hide = true, value_name = "N")]
+    pub drop_peer_batches: Option<u64>,
 }
 
 pub async fn run(mut args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -227,7 +232,7 @@ async fn demo(args: &DemoArgs, transport: &Transport) -> Result<Summary, Box<dyn
 
     let ctx = Arc::new(Ctx {
         blog: Mutex::new(Blog::new()),
-        checker: Checker::new(n, ITEMS),
+        checker: Checker::new(n, ITEMS, nodes[0].bus.staleness_bound()),
         nodes,
         counters: Counters::default(),
         miss_article_invalidations: args.miss_article_invalidations,
@@ -261,6 +266,14 @@ async fn demo(args: &DemoArgs, transport: &Transport) -> Result<Summary, Box<dyn
             )));
         }
     }
+    if let (Some(drop), true) = (args.drop_peer_batches, n > 1) {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            println!("fault: node-1 silently drops the next {drop} batches of its peers");
+            ctx.nodes[1].bus.drop_batches_for_tests(drop);
+        });
+    }
     let progress = tokio::spawn(progress(ctx.clone(), started, deadline));
     for w in workers {
         w.await?;
@@ -275,7 +288,24 @@ async fn demo(args: &DemoArgs, transport: &Transport) -> Result<Summary, Box<dyn
         unapplied = ctx.unapplied_batches();
     }
     if unapplied > 0 {
+        // A node that flushed its caches covered what it did not apply; one that did not has
+        // lost batches without noticing.
+        let unflushed: Vec<String> = ctx
+            .nodes
+            .iter()
+            .filter(|n| n.bus.stats().repair_flushes == 0)
+            .map(|n| n.bus.node_id().to_owned())
+            .collect();
         println!("warning: {unapplied} batches were not applied on every peer within 3 s of the end");
+        if ctx
+            .checker
+            .unapplied_on_unflushed(&ctx.published(), &ctx.nodes, &unflushed)
+            > 0
+        {
+            ctx.error(format_args!(
+                "batches accepted but never applied by a node that did not flush either: {unflushed:?}"
+            ));
+        }
     }
     let _ = stop_tx.send(true);
     for w in watchers {
@@ -355,9 +385,14 @@ struct Counters {
 }
 
 impl Ctx {
+    /// The last sequence each node published.
+    fn published(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.bus.last_published_seq()).collect()
+    }
+
     /// Batches some peer has not applied yet (by the applied events seen so far).
     fn unapplied_batches(&self) -> u64 {
-        let published: Vec<u64> = self.nodes.iter().map(|n| n.bus.last_published_seq()).collect();
+        let published = self.published();
         self.checker.unapplied(&published)
     }
 
@@ -575,16 +610,56 @@ impl Blog {
 /// The floor only ever trails the real apply (we learn of an apply after it happened), so every
 /// read counted stale really broke the guarantee; reads that race with the apply itself are not
 /// judged.
+///
+/// That rule alone cannot see a batch a peer never applied. So a second rule holds every node
+/// to the staleness bound: a read that starts at `t0` is also **stale if it returns a version
+/// below one whose invalidation was accepted (its ticket resolved) before `t0 - bound`**,
+/// whether or not the reading node reported applying it.
 struct Checker {
     /// `floors[node][item]`: the floor; read without a lock on every read.
     floors: Vec<Vec<AtomicU64>>,
+    /// `accepted[item]`: `(version, when its invalidation was accepted)`, oldest first.
+    accepted: Vec<Mutex<std::collections::VecDeque<(u64, Instant)>>>,
+    /// The nodes' staleness bound.
+    bound: Duration,
     ledger: Mutex<Ledger>,
+}
+
+/// The sequences of one origin a node applied.
+#[derive(Default, Clone)]
+struct Seqs {
+    /// Every sequence up to here was applied.
+    upto: u64,
+    /// Applied above `upto`.
+    above: std::collections::BTreeSet<u64>,
+}
+
+impl Seqs {
+    fn insert(&mut self, seq: u64) {
+        if seq > self.upto {
+            self.above.insert(seq);
+        }
+        while self.above.first() == Some(&(self.upto + 1)) {
+            self.upto += 1;
+            self.above.pop_first();
+        }
+    }
+
+    fn contains(&self, seq: u64) -> bool {
+        seq <= self.upto || self.above.contains(&seq)
+    }
+
+    /// Sequences `1..=last` not applied.
+    fn missing(&self, last: u64) -> u64 {
+        last.saturating_sub(self.upto) - self.above.range(..=last).count() as u64
+    }
 }
 
 /// What the watchers and the writers exchange about batches.
 struct Ledger {
-    /// `applied[node][origin]`: the last sequence of `origin` applied on `node`.
-    applied: Vec<Vec<u64>>,
+    /// `applied[node][origin]`: the sequences of `origin` applied on `node` (a node applies
+    /// each batch once, but not always in order: the stream fills what NATS did not deliver).
+    applied: Vec<Vec<Seqs>>,
     /// `pending[node][origin]`: batches the writers published that `node` has not applied
     /// yet, by sequence, with the versions they cover.
     pending: Vec<Vec<BTreeMap<u64, Covers>>>,
@@ -596,13 +671,17 @@ struct Ledger {
 }
 
 impl Checker {
-    fn new(nodes: usize, items: usize) -> Self {
+    fn new(nodes: usize, items: usize, bound: Duration) -> Self {
         Checker {
             floors: (0..nodes)
                 .map(|_| (0..items).map(|_| AtomicU64::new(0)).collect())
                 .collect(),
+            accepted: (0..items)
+                .map(|_| Mutex::new(std::collections::VecDeque::new()))
+                .collect(),
+            bound,
             ledger: Mutex::new(Ledger {
-                applied: vec![vec![0; nodes]; nodes],
+                applied: vec![vec![Seqs::default(); nodes]; nodes],
                 pending: (0..nodes)
                     .map(|_| (0..nodes).map(|_| BTreeMap::new()).collect())
                     .collect(),
@@ -614,6 +693,33 @@ impl Checker {
 
     fn floor(&self, node: usize, item: Item) -> u64 {
         self.floors[node][item.index()].load(Ordering::SeqCst)
+    }
+
+    /// The highest version of `item` whose invalidation was accepted before `t0 - bound`.
+    fn bound_floor(&self, item: Item, t0: Instant) -> u64 {
+        let Some(before) = t0.checked_sub(self.bound) else {
+            return 0;
+        };
+        let mut accepted = self.accepted[item.index()].lock().unwrap_or_else(|e| e.into_inner());
+        // Keep the newest entry old enough to count, and everything after it.
+        while accepted.len() > 1 && accepted[1].1 <= before {
+            accepted.pop_front();
+        }
+        match accepted.front() {
+            Some(&(v, at)) if at <= before => v,
+            _ => 0,
+        }
+    }
+
+    /// The invalidations of `covers` were accepted now.
+    fn accepted(&self, covers: &[(Item, u64)]) {
+        let now = Instant::now();
+        for &(item, version) in covers {
+            let mut accepted = self.accepted[item.index()].lock().unwrap_or_else(|e| e.into_inner());
+            if accepted.back().is_none_or(|(v, _)| *v < version) {
+                accepted.push_back((version, now));
+            }
+        }
     }
 
     fn raise(&self, node: usize, covers: &[(Item, u64)]) {
@@ -630,7 +736,7 @@ impl Checker {
     fn published(&self, origin: usize, seq: u64, covers: &[(Item, u64)]) {
         let mut ledger = self.ledger();
         for node in (0..self.floors.len()).filter(|&n| n != origin) {
-            if ledger.applied[node][origin] >= seq {
+            if ledger.applied[node][origin].contains(seq) {
                 // Its applied event came first.
                 self.raise(node, covers);
             } else {
@@ -646,12 +752,9 @@ impl Checker {
     fn applied(&self, node: usize, origin: usize, a: &Applied) {
         let peers = self.floors.len() - 1;
         let mut ledger = self.ledger();
-        let last = &mut ledger.applied[node][origin];
-        *last = (*last).max(a.seq);
-        let pending = &mut ledger.pending[node][origin];
-        let later = pending.split_off(&(a.seq + 1));
-        for covers in std::mem::replace(pending, later).values() {
-            self.raise(node, covers);
+        ledger.applied[node][origin].insert(a.seq);
+        if let Some(covers) = ledger.pending[node][origin].remove(&a.seq) {
+            self.raise(node, &covers);
         }
         let entry = ledger
             .in_flight
@@ -673,7 +776,24 @@ impl Checker {
         for (node, applied) in ledger.applied.iter().enumerate() {
             for (origin, &last) in published.iter().enumerate() {
                 if origin != node {
-                    missing += last.saturating_sub(applied[origin]);
+                    missing += applied[origin].missing(last);
+                }
+            }
+        }
+        missing
+    }
+
+    /// Batches of `published[origin]` not applied by the nodes named in `unflushed`.
+    fn unapplied_on_unflushed(&self, published: &[u64], nodes: &[Node], unflushed: &[String]) -> u64 {
+        let ledger = self.ledger();
+        let mut missing = 0;
+        for (node, applied) in ledger.applied.iter().enumerate() {
+            if !unflushed.iter().any(|id| id == nodes[node].bus.node_id()) {
+                continue;
+            }
+            for (origin, &last) in published.iter().enumerate() {
+                if origin != node {
+                    missing += applied[origin].missing(last);
                 }
             }
         }
@@ -776,7 +896,10 @@ async fn writer(ctx: Arc<Ctx>, deadline: Instant, seed: u64) {
         // Then learn which batches carried them, for the peers' floors.
         for (ticket, covers) in sent.into_iter().flatten() {
             match ticket.published().await {
-                Ok(p) => ctx.checker.published(node, p.seq, &covers),
+                Ok(p) => {
+                    ctx.checker.accepted(&covers);
+                    ctx.checker.published(node, p.seq, &covers)
+                }
                 Err(e) => ctx.error(format_args!("node-{node}: publish failed: {e}")),
             }
         }
@@ -820,7 +943,10 @@ async fn reader(ctx: Arc<Ctx>, node: usize, deadline: Instant, seed: u64) {
 /// One checked read of `item` through `node`.
 async fn read(ctx: &Ctx, node: usize, item: Item, slow_load: bool) {
     // Before the read starts: the version every read from now on must reach (see `Checker`).
-    let floor = ctx.checker.floor(node, item);
+    let t0 = Instant::now();
+    let applied_floor = ctx.checker.floor(node, item);
+    let bound_floor = ctx.checker.bound_floor(item, t0);
+    let floor = applied_floor.max(bound_floor);
     let n = &ctx.nodes[node];
     let key = item.key();
     let got = match item {
@@ -843,9 +969,16 @@ async fn read(ctx: &Ctx, node: usize, item: Item, slow_load: bool) {
     if version < floor {
         let count = ctx.counters.stale_reads.fetch_add(1, Ordering::Relaxed) + 1;
         if count <= STALE_REPORTS {
-            println!(
-                "STALE: node-{node} read {key} at version {version}, but version {floor} was invalidated there before the read"
-            );
+            if version < applied_floor {
+                println!(
+                    "STALE: node-{node} read {key} at version {version}, but version {applied_floor} was invalidated there before the read"
+                );
+            } else {
+                println!(
+                    "STALE: node-{node} read {key} at version {version}, but version {bound_floor} was accepted more than {:?} before the read",
+                    ctx.checker.bound
+                );
+            }
         }
     }
     let current = ctx.blog.lock().unwrap_or_else(|e| e.into_inner()).version(item);

@@ -100,8 +100,16 @@ pub fn render(state: &NodeState) -> String {
             node.invalidations_received,
         ),
         ("gaps_total", "Gaps found in peers' sequences.", node.gaps),
-        ("replayed_total", "Batches replayed from the stream.", node.replayed),
-        ("repairs_total", "Repairs started.", node.repairs),
+        (
+            "replayed_total",
+            "Batches applied from the stream because NATS did not deliver them first.",
+            node.replayed,
+        ),
+        (
+            "repairs_total",
+            "Repairs: batches filled from the stream plus flushes.",
+            node.repairs,
+        ),
         (
             "repair_flushes_total",
             "Repairs that had to flush.",

@@ -40,6 +40,137 @@ pub enum NodeError {
     Nats(String),
 }
 
+/// Joins the bus, retrying with backoff for as long as NATS or JetStream is not ready.
+async fn join_bus(
+    config: &NodeConfig,
+    advertise: &str,
+    js_config: Option<&invalbus::JetStreamConfig>,
+) -> Result<Bus, NodeError> {
+    let mut backoff = Duration::from_millis(500);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let options = config.nats_options().await.map_err(|e| NodeError::Config(e.0))?;
+        let mut builder = Bus::builder()
+            .nats(config.nats_url())
+            .nats_options(options)
+            .namespace(config.namespace.clone())
+            .address(advertise.to_owned())
+            .heartbeat_interval(config.heartbeat_interval)
+            // The node is where stream settings come from: it creates the streams and brings
+            // them to its retention (service replicas only create missing ones).
+            .manage_streams(true)
+            .startup_timeout(Duration::from_secs(30));
+        if let Some(id) = &config.node_id {
+            builder = builder.node_id(id.clone());
+        }
+        if let Some(js) = js_config {
+            builder = builder.jetstream(js.clone());
+        }
+        match builder.build().await {
+            Ok(bus) => {
+                if attempt > 1 {
+                    tracing::info!(attempt, "joined the bus");
+                }
+                return Ok(bus);
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, attempt, retry_in_ms = backoff.as_millis() as u64,
+                    "cannot join the bus yet (NATS or JetStream not ready); health reports NOT_SERVING until it can");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(NodeError::Bus(e)),
+        }
+    }
+}
+
+/// The gRPC server with the node's TLS settings.
+fn server_builder(config: &NodeConfig) -> Result<Server, NodeError> {
+    let mut server = Server::builder();
+    if let Some(tls) = &config.tls {
+        let cert = std::fs::read(&tls.cert_file)
+            .map_err(|e| NodeError::Config(format!("tls.cert_file {}: {e}", tls.cert_file.display())))?;
+        let key = std::fs::read(&tls.key_file)
+            .map_err(|e| NodeError::Config(format!("tls.key_file {}: {e}", tls.key_file.display())))?;
+        server = server
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .map_err(|e| NodeError::Config(format!("tls: {e}")))?;
+    }
+    Ok(server)
+}
+
+/// The connections accepted on a listener shared by the starting server and the full one.
+fn incoming(
+    listener: Arc<TcpListener>,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
+    futures::stream::unfold(listener, |l| async move {
+        let conn = l.accept().await.map(|(s, _)| s);
+        Some((conn, l))
+    })
+}
+
+/// [`incoming`] for a Unix domain socket.
+fn incoming_unix(
+    listener: Arc<UnixListener>,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::UnixStream>> + Send + 'static {
+    futures::stream::unfold(listener, |l| async move {
+        let conn = l.accept().await.map(|(s, _)| s);
+        Some((conn, l))
+    })
+}
+
+/// The gRPC port: TCP (`host:port`) or a Unix domain socket (`unix:/path`).
+#[derive(Clone)]
+enum GrpcListener {
+    Tcp(Arc<TcpListener>),
+    Unix(Arc<UnixListener>, PathBuf),
+}
+
+impl GrpcListener {
+    async fn bind(listen: &str) -> Result<GrpcListener, NodeError> {
+        let err = |e| NodeError::Listen(listen.to_owned(), e);
+        let Some(path) = listen.strip_prefix("unix:") else {
+            return Ok(GrpcListener::Tcp(Arc::new(
+                TcpListener::bind(listen).await.map_err(err)?,
+            )));
+        };
+        let path = PathBuf::from(path);
+        if path.as_os_str().is_empty() {
+            return Err(NodeError::Config(
+                "listen = \"unix:\" needs a path, as in unix:/run/invalbus.sock".into(),
+            ));
+        }
+        // A socket file left by a node that died is removed; one that a live node answers on is
+        // not (binding then fails with "address in use").
+        if std::os::unix::net::UnixStream::connect(&path).is_err() {
+            use std::os::unix::fs::FileTypeExt;
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(GrpcListener::Unix(
+            Arc::new(UnixListener::bind(&path).map_err(err)?),
+            path,
+        ))
+    }
+
+    /// Serves `router` on this listener until `stop` turns true.
+    fn serve(
+        &self,
+        router: tonic::transport::server::Router,
+        mut stop: watch::Receiver<bool>,
+    ) -> JoinHandle<Result<(), tonic::transport::Error>> {
+        let until = async move { crate::audit::stopped(&mut stop).await };
+        match self {
+            GrpcListener::Tcp(l) => tokio::spawn(router.serve_with_incoming_shutdown(incoming(l.clone()), until)),
+            GrpcListener::Unix(l, _) => {
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming_unix(l.clone()), until))
+            }
+        }
+    }
+}
+
 /// A running node. Dropping it without [`Node::shutdown`] leaves its tasks running until the
 /// runtime ends.
 pub struct Node {
@@ -57,6 +188,11 @@ pub struct Node {
 
 impl Node {
     /// Starts a node with `config`: binds its ports, joins the bus, and serves.
+    ///
+    /// While NATS or JetStream is not ready (servers starting, a stream leader being elected,
+    /// the stream's quorum unreachable), the node keeps trying with backoff, logs why, and
+    /// answers gRPC health with NOT_SERVING on its port; it returns an error only for what
+    /// retrying cannot fix (a bad setting, refused credentials, a stream it cannot use).
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         if config.tokens.is_empty() {
             if config.insecure {
@@ -93,20 +229,21 @@ impl Node {
             None => addr.to_string(),
         });
         let js_config = config.jetstream.enabled.then(|| config.jetstream_config());
-        let options = config.nats_options().await.map_err(|e| NodeError::Config(e.0))?;
-        let mut builder = Bus::builder()
-            .nats(config.nats_url())
-            .nats_options(options)
-            .namespace(config.namespace.clone())
-            .address(advertise.clone())
-            .heartbeat_interval(config.heartbeat_interval);
-        if let Some(id) = &config.node_id {
-            builder = builder.node_id(id.clone());
-        }
-        if let Some(js) = &js_config {
-            builder = builder.jetstream(js.clone());
-        }
-        let bus = builder.build().await?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_not_serving::<AdminServer<AdminService>>().await;
+        health.set_not_serving::<CacheServer<SidecarService>>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        // Until the bus is up, the port answers health only (NOT_SERVING), so orchestrators and
+        // `invalbus-node health` see a node that is starting, not a dead one.
+        let (stop_pending, pending) = watch::channel(false);
+        let mut starting_server = server_builder(&config)?;
+        let starting = listener.serve(starting_server.add_service(health_service.clone()), pending);
+        let bus = join_bus(&config, &advertise, js_config.as_ref()).await;
+        let _ = stop_pending.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), starting).await;
+        let bus = bus?;
         let mut caches = HashMap::new();
         for c in &config.caches {
             let cache = bus
@@ -142,9 +279,11 @@ impl Node {
             counters: NodeCounters::default(),
         });
 
-        let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AdminServer<AdminService>>().await;
         health.set_serving::<CacheServer<SidecarService>>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
@@ -154,16 +293,7 @@ impl Node {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .map_err(|e| NodeError::Config(e.to_string()))?;
-        let mut server = Server::builder();
-        if let Some(tls) = &config.tls {
-            let cert = std::fs::read(&tls.cert_file)
-                .map_err(|e| NodeError::Config(format!("tls.cert_file {}: {e}", tls.cert_file.display())))?;
-            let key = std::fs::read(&tls.key_file)
-                .map_err(|e| NodeError::Config(format!("tls.key_file {}: {e}", tls.key_file.display())))?;
-            server = server
-                .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
-                .map_err(|e| NodeError::Config(format!("tls: {e}")))?;
-        }
+        let mut server = server_builder(&config)?;
         let sidecar = SidecarService::new(state.clone());
         let router = server
             .add_service(health_service)
@@ -172,7 +302,7 @@ impl Node {
             .add_service(AdminServer::new(AdminService::new(state.clone())))
             .add_service(CacheServer::new(sidecar.clone()));
         let (stop_serving, serving) = watch::channel(false);
-        let mut until = serving.clone();
+        let server = listener.serve(router, serving.clone());
         let reads = match (read_listener, &config.read_listen) {
             (Some(l), Some(path)) => Some(tokio::spawn(crate::readsock::serve(
                 l,
@@ -182,15 +312,6 @@ impl Node {
                 serving.clone(),
             ))),
             _ => None,
-        };
-        let stop = async move { crate::audit::stopped(&mut until).await };
-        let server = match listener {
-            GrpcListener::Tcp(l) => tokio::spawn(
-                router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(l), stop),
-            ),
-            GrpcListener::Unix(l, _) => tokio::spawn(
-                router.serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), stop),
-            ),
         };
         let (metrics_addr, metrics) = match metrics_listener {
             Some(l) => (
@@ -263,35 +384,5 @@ impl Node {
             let _ = std::fs::remove_file(path);
         }
         tracing::info!(node = %node, "stopped");
-    }
-}
-
-/// The gRPC port: TCP (`host:port`) or a Unix domain socket (`unix:/path`).
-enum GrpcListener {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
-}
-
-impl GrpcListener {
-    async fn bind(listen: &str) -> Result<GrpcListener, NodeError> {
-        let err = |e| NodeError::Listen(listen.to_owned(), e);
-        let Some(path) = listen.strip_prefix("unix:") else {
-            return Ok(GrpcListener::Tcp(TcpListener::bind(listen).await.map_err(err)?));
-        };
-        let path = PathBuf::from(path);
-        if path.as_os_str().is_empty() {
-            return Err(NodeError::Config(
-                "listen = \"unix:\" needs a path, as in unix:/run/invalbus.sock".into(),
-            ));
-        }
-        // A socket file left by a node that died is removed; one that a live node answers on is
-        // not (binding then fails with "address in use").
-        if std::os::unix::net::UnixStream::connect(&path).is_err() {
-            use std::os::unix::fs::FileTypeExt;
-            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-        Ok(GrpcListener::Unix(UnixListener::bind(&path).map_err(err)?, path))
     }
 }

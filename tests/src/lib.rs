@@ -875,6 +875,7 @@ impl RawPeer {
             namespace: self.namespace.clone(),
             caches: Vec::new(),
             writes_receipts: false,
+            beat: 0,
         };
         let subject = hb_subject(&self.namespace, &self.origin);
         self.publish_raw(&subject, invalbus::encode_heartbeat(&hb)).await;

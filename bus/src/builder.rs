@@ -1,0 +1,562 @@
+//! Building a bus: its settings, the connection, the streams, the tasks, and the wait for its
+//! first evidence.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::Instrument;
+
+use crate::bus::{BuildError, Bus};
+use crate::config::{JetStreamConfig, Limits};
+use crate::gate::{Gate, Monotonic};
+use crate::metrics::BusMetrics;
+use crate::origins::Origins;
+use crate::peers::Peers;
+use crate::publisher::{heartbeats, publisher};
+use crate::receipts::{self, Recorder};
+use crate::receiver::{receiver, watchdog};
+use crate::state::{Beats, BusInner, Durable, Faults};
+use crate::stream::{self, Ownership, SetupError, StreamSpec};
+use crate::transport::{InProcessHub, Link, LinkEvent, Subjects};
+
+impl Bus {
+    /// A builder with default settings.
+    pub fn builder() -> BusBuilder {
+        BusBuilder::default()
+    }
+}
+
+/// Builds a [`Bus`].
+///
+/// ```no_run
+/// # async fn f() -> Result<(), invalbus::BuildError> {
+/// let bus = invalbus::Bus::builder()
+///     .nats("nats://127.0.0.1:4222")
+///     .namespace("shop")
+///     .node_id("web-1")
+///     .build()
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct BusBuilder {
+    nats_url: Option<String>,
+    nats_options: Option<async_nats::ConnectOptions>,
+    hub: Option<InProcessHub>,
+    namespace: String,
+    node_id: Option<String>,
+    limits: Limits,
+    outbound_queue: usize,
+    heartbeat_interval: Duration,
+    ping_interval: Duration,
+    address: String,
+    actor: String,
+    jetstream: Option<JetStreamConfig>,
+    max_staleness: Duration,
+    receipts: bool,
+    manage_streams: bool,
+    startup_timeout: Duration,
+    peer_expiry: Duration,
+    max_peers: usize,
+}
+
+impl Default for BusBuilder {
+    fn default() -> Self {
+        BusBuilder {
+            nats_url: None,
+            nats_options: None,
+            hub: None,
+            namespace: "default".into(),
+            node_id: None,
+            limits: Limits::default(),
+            outbound_queue: 65_536,
+            heartbeat_interval: Duration::from_secs(1),
+            ping_interval: Duration::from_millis(500),
+            address: String::new(),
+            actor: String::new(),
+            jetstream: None,
+            max_staleness: Duration::from_secs(1),
+            receipts: true,
+            manage_streams: false,
+            startup_timeout: Duration::from_secs(30),
+            peer_expiry: Duration::from_secs(30),
+            max_peers: 4096,
+        }
+    }
+}
+
+fn valid_token(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl BusBuilder {
+    /// Connects to NATS at `url` (comma-separated for several servers).
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().nats("nats://127.0.0.1:4222");
+    /// ```
+    pub fn nats(mut self, url: impl Into<String>) -> Self {
+        self.nats_url = Some(url.into());
+        self
+    }
+
+    /// Connection options for NATS: credentials (user and password, token, NKey, credentials
+    /// file) and TLS. The bus sets the ping interval, the name and the event callback itself.
+    ///
+    /// ```
+    /// let opts = async_nats::ConnectOptions::with_user_and_password("svc".into(), "secret".into());
+    /// let b = invalbus::Bus::builder().nats("nats://127.0.0.1:4222").nats_options(opts);
+    /// ```
+    pub fn nats_options(mut self, options: async_nats::ConnectOptions) -> Self {
+        self.nats_options = Some(options);
+        self
+    }
+
+    /// Uses an in-process hub instead of NATS (one process, no server).
+    ///
+    /// ```
+    /// let hub = invalbus::InProcessHub::new();
+    /// let b = invalbus::Bus::builder().in_process(&hub);
+    /// ```
+    pub fn in_process(mut self, hub: &InProcessHub) -> Self {
+        self.hub = Some(hub.clone());
+        self
+    }
+
+    /// The namespace: nodes see only invalidations of their own namespace. Letters, digits, `-`
+    /// and `_`.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().namespace("tenant_a");
+    /// ```
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// This node's id, unique in the namespace (default: random). Letters, digits, `-` and `_`.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().node_id("web-1");
+    /// ```
+    pub fn node_id(mut self, node_id: impl Into<String>) -> Self {
+        self.node_id = Some(node_id.into());
+        self
+    }
+
+    /// Size limits for everything that enters the bus.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().limits(invalbus::Limits { max_key_bytes: 256, ..Default::default() });
+    /// ```
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// How many invalidations may wait to be published before calls return
+    /// [`InvalidateError::QueueFull`] (default 65,536).
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().outbound_queue(1024);
+    /// ```
+    pub fn outbound_queue(mut self, n: usize) -> Self {
+        self.outbound_queue = n.max(1);
+        self
+    }
+
+    /// How often this node publishes its heartbeat (default 1 s).
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().heartbeat_interval(std::time::Duration::from_millis(250));
+    /// ```
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.heartbeat_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// NATS ping interval (default 500 ms: a silent partition is noticed within about three
+    /// intervals; the client's own default of 60 s takes about three minutes).
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().ping_interval(std::time::Duration::from_secs(1));
+    /// ```
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    /// The admin address this node announces in its heartbeats.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().address("10.0.0.5:7700");
+    /// ```
+    pub fn address(mut self, address: impl Into<String>) -> Self {
+        self.address = address.into();
+        self
+    }
+
+    /// Whether this node writes a receipt for every batch it applies (default: yes, on NATS).
+    /// Receipts are the audit log's answer to "did every node apply it?", and what a purge
+    /// made with `--wait` waits for; with JetStream they go to the stream
+    /// `INVALBUS_<ns>_RECEIPTS` (same retention and replicas as the batch stream). A node that
+    /// writes none says so in its heartbeats, so nobody waits for its receipts.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().receipts(false);
+    /// ```
+    pub fn receipts(mut self, on: bool) -> Self {
+        self.receipts = on;
+        self
+    }
+
+    /// The actor recorded on this node's invalidations when a call names none (default: the
+    /// node id).
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().actor("orders-service");
+    /// ```
+    pub fn actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = actor.into();
+        self
+    }
+
+    /// Keeps every batch in a JetStream stream: tickets resolve on the stream's
+    /// acknowledgement, every node follows the stream (so it applies whatever NATS did not
+    /// deliver to it directly), and a node serves only on evidence from the stream (see the
+    /// crate docs). Needs a NATS server with JetStream enabled.
+    ///
+    /// The streams are created with these settings if they do not exist; an existing stream is
+    /// never changed unless [`BusBuilder::manage_streams`] is set.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().jetstream(invalbus::JetStreamConfig::default());
+    /// ```
+    pub fn jetstream(mut self, config: JetStreamConfig) -> Self {
+        self.jetstream = Some(config);
+        self
+    }
+
+    /// How long caches keep serving without fresh evidence, on top of one heartbeat interval
+    /// (default 1 s): the staleness bound is their sum ([`Bus::staleness_bound`]). After that,
+    /// reads go to the loader until evidence comes again.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().max_staleness(std::time::Duration::from_millis(500));
+    /// ```
+    pub fn max_staleness(mut self, max_staleness: Duration) -> Self {
+        self.max_staleness = max_staleness;
+        self
+    }
+
+    /// Lets this bus bring existing streams to its settings (retention, replicas, subjects),
+    /// instead of only creating missing ones. Nodes do this; a service replica should not (its
+    /// defaults would overrule the retention the operators chose), so the default is off.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().manage_streams(true);
+    /// ```
+    pub fn manage_streams(mut self, on: bool) -> Self {
+        self.manage_streams = on;
+        self
+    }
+
+    /// How long [`BusBuilder::build`] waits for NATS, the streams and the first evidence before
+    /// it gives up with [`BuildError::Unavailable`] (default 30 s).
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().startup_timeout(std::time::Duration::from_secs(5));
+    /// ```
+    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
+        self.startup_timeout = timeout;
+        self
+    }
+
+    /// How long a silent peer stays in the peer table (default 30 s), and how many peers it
+    /// holds at most (default 4,096).
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().peer_table(std::time::Duration::from_secs(10), 100);
+    /// ```
+    pub fn peer_table(mut self, expiry: Duration, max_peers: usize) -> Self {
+        self.peer_expiry = expiry;
+        self.max_peers = max_peers.max(1);
+        self
+    }
+
+    /// Connects, subscribes, sets up the streams, starts the tasks, and waits for the first
+    /// evidence that the caches may serve (this node's heartbeat back through the stream, or
+    /// without one through NATS): from then on no invalidation published is missed.
+    ///
+    /// NATS or JetStream that is not ready (a server starting, a stream leader being elected)
+    /// is retried with backoff until [`BusBuilder::startup_timeout`], then reported as
+    /// [`BuildError::Unavailable`]; a setting that cannot work is [`BuildError::Config`] at once.
+    pub async fn build(self) -> Result<Bus, BuildError> {
+        if !valid_token(&self.namespace) {
+            return Err(BuildError::Config(format!(
+                "namespace {:?}: use 1-128 letters, digits, '-' or '_'",
+                self.namespace
+            )));
+        }
+        let node_id = self
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()));
+        if !valid_token(&node_id) {
+            return Err(BuildError::Config(format!(
+                "node id {node_id:?}: use 1-128 letters, digits, '-' or '_'"
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + self.startup_timeout;
+        let (event_tx, event_rx) = mpsc::channel::<LinkEvent>(1024);
+        let link = match (&self.hub, &self.nats_url) {
+            (Some(hub), None) => Link::InProcess(hub.clone()),
+            (None, Some(url)) => Link::Nats(
+                connect(
+                    url,
+                    self.nats_options,
+                    &self.namespace,
+                    &node_id,
+                    self.ping_interval,
+                    event_tx,
+                )
+                .await?,
+            ),
+            (Some(_), Some(_)) => {
+                return Err(BuildError::Config(
+                    "choose either nats(..) or in_process(..), not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(BuildError::Config(
+                    "no transport: call nats(url) or in_process(&hub)".into(),
+                ))
+            }
+        };
+        let subjects = Subjects::new(&self.namespace);
+        // The live path first: nothing published from now on is missed on it.
+        let live = link
+            .subscribe(subjects.all(), 65_536)
+            .await
+            .map_err(BuildError::Subscribe)?;
+        let ownership = if self.manage_streams {
+            Ownership::Manage
+        } else {
+            Ownership::CreateOnly
+        };
+        let (durable, follower) = match (&link, &self.jetstream) {
+            (Link::Nats(client), Some(config)) => {
+                let js = jetstream::ContextBuilder::new()
+                    .timeout(config.ack_timeout)
+                    .build(client.clone());
+                let spec = StreamSpec {
+                    name: stream::stream_name(&self.namespace),
+                    subjects: vec![subjects.all_inv(), subjects.all_hb()],
+                    rollup: true,
+                    config,
+                };
+                let s = stream::ensure_patiently(&js, &spec, ownership, deadline)
+                    .await
+                    .map_err(setup_error)?;
+                if self.receipts {
+                    let spec = StreamSpec {
+                        name: receipts::receipts_stream(&self.namespace),
+                        subjects: vec![receipts::all_receipts(&self.namespace)],
+                        rollup: false,
+                        config,
+                    };
+                    stream::ensure_patiently(&js, &spec, ownership, deadline)
+                        .await
+                        .map_err(setup_error)?;
+                }
+                let follower = follow_patiently(&s, deadline).await.map_err(setup_error)?;
+                (
+                    Some(Durable {
+                        js,
+                        stream: s,
+                        config: config.clone(),
+                    }),
+                    Some(follower),
+                )
+            }
+            (Link::InProcess(_), Some(_)) => {
+                return Err(BuildError::Config("JetStream needs a NATS transport".into()));
+            }
+            (_, None) => (None, None),
+        };
+        let (out_tx, out_rx) = mpsc::channel(self.outbound_queue);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let epoch = loop {
+            let e = rand::random::<u64>();
+            if e != 0 {
+                break e;
+            }
+        };
+        let actor = if self.actor.is_empty() {
+            node_id.clone()
+        } else {
+            self.actor.clone()
+        };
+        // Receipts need NATS: the in-process hub has no audit log.
+        let recorder = match (&link, self.receipts) {
+            (Link::Nats(client), true) => {
+                let (tx, rx) = mpsc::channel(4096);
+                Some((tx, rx, client.clone()))
+            }
+            _ => None,
+        };
+        let window = self.heartbeat_interval + self.max_staleness;
+        let inner = Arc::new(BusInner {
+            node_id,
+            namespace: self.namespace,
+            epoch,
+            actor,
+            address: self.address,
+            limits: self.limits,
+            subjects,
+            link,
+            durable,
+            caches: RwLock::new(HashMap::new()),
+            outbox: out_tx,
+            outbound_capacity: self.outbound_queue,
+            last_seq: AtomicU64::new(0),
+            metrics: Arc::new(BusMetrics::default()),
+            receipts: recorder.as_ref().map(|(tx, _, _)| tx.clone()),
+            applied: broadcast::channel(4096).0,
+            events: broadcast::channel(65_536).0,
+            origins: Mutex::new(Origins::default()),
+            peers: Mutex::new(Peers::new(self.peer_expiry, self.max_peers)),
+            beats: Mutex::new(Beats::default()),
+            shutdown: shutdown_tx,
+            gate: Gate::new(Monotonic::new(), window),
+            heartbeat_interval: self.heartbeat_interval,
+            max_staleness: self.max_staleness,
+            faults: Faults::default(),
+        });
+        let mut tasks = Vec::new();
+        let span = tracing::info_span!("bus", node = %inner.node_id, ns = %inner.namespace);
+        if let Some((_, rx, client)) = recorder {
+            // Subscribed before the receiver starts, so it sees every batch applied.
+            let recorder = Recorder {
+                namespace: inner.namespace.clone(),
+                node_id: inner.node_id.clone(),
+                client,
+                js: inner.durable.as_ref().map(|d| d.js.clone()),
+                metrics: inner.metrics.clone(),
+            };
+            tasks.push(tokio::spawn(
+                recorder
+                    .run(inner.applied.subscribe(), rx, shutdown_rx.clone())
+                    .instrument(span.clone()),
+            ));
+        }
+        tasks.push(tokio::spawn(
+            publisher(inner.clone(), out_rx, shutdown_rx.clone()).instrument(span.clone()),
+        ));
+        tasks.push(tokio::spawn(
+            receiver(inner.clone(), live, follower, event_rx, shutdown_rx.clone()).instrument(span.clone()),
+        ));
+        tasks.push(tokio::spawn(
+            heartbeats(inner.clone(), shutdown_rx.clone()).instrument(span.clone()),
+        ));
+        tasks.push(tokio::spawn(watchdog(inner.clone(), shutdown_rx).instrument(span)));
+        let bus = Bus {
+            inner,
+            tasks: Arc::new(Mutex::new(tasks)),
+        };
+        // The first evidence: this node's heartbeat came back (through the stream, behind
+        // everything it stored before; without one, through NATS, which proves the
+        // subscription is in place).
+        loop {
+            if bus.inner.gate.serving() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bus.shutdown().await;
+                return Err(BuildError::Unavailable(format!(
+                    "this node's heartbeat did not come back {} within {:?}",
+                    if bus.inner.durable.is_some() {
+                        "through the stream"
+                    } else {
+                        "through NATS"
+                    },
+                    self.startup_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tracing::info!(node = %bus.inner.node_id, ns = %bus.inner.namespace, epoch = bus.inner.epoch, transport = bus.inner.link.kind(), jetstream = bus.inner.durable.is_some(), "bus up");
+        Ok(bus)
+    }
+}
+
+fn setup_error(e: SetupError) -> BuildError {
+    match e {
+        SetupError::Unavailable(why) => BuildError::Unavailable(why),
+        SetupError::Config(why) => BuildError::Config(why),
+    }
+}
+
+/// Starts following the stream, retrying while JetStream is not ready.
+async fn follow_patiently(
+    s: &jetstream::stream::Stream,
+    deadline: tokio::time::Instant,
+) -> Result<stream::Follower, SetupError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match stream::follow(s).await {
+            Ok(f) => return Ok(f),
+            Err(SetupError::Unavailable(why)) if tokio::time::Instant::now() + backoff < deadline => {
+                tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64, "cannot follow the stream yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Connects to NATS with the bus's ping interval and event callback.
+async fn connect(
+    url: &str,
+    options: Option<async_nats::ConnectOptions>,
+    namespace: &str,
+    node_id: &str,
+    ping_interval: Duration,
+    events: mpsc::Sender<LinkEvent>,
+) -> Result<async_nats::Client, BuildError> {
+    let options = options
+        .unwrap_or_default()
+        .name(format!("invalbus:{namespace}:{node_id}"))
+        .ping_interval(ping_interval)
+        .connection_timeout(Duration::from_secs(2))
+        .event_callback(move |event| {
+            let tx = events.clone();
+            async move {
+                let ev = match event {
+                    async_nats::Event::Connected => Some(LinkEvent::Connected),
+                    async_nats::Event::Disconnected => Some(LinkEvent::Disconnected),
+                    async_nats::Event::SlowConsumer(_) => Some(LinkEvent::SlowConsumer),
+                    other => {
+                        tracing::debug!(event = %other, "nats event");
+                        None
+                    }
+                };
+                if let Some(ev) = ev {
+                    // A full channel means the receiver already has events to act on.
+                    let _ = tx.try_send(ev);
+                }
+            }
+        });
+    // Several servers may be given, comma-separated; the client picks one and fails over.
+    let servers: Vec<&str> = url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+    options.connect(servers).await.map_err(|e| match e.kind() {
+        async_nats::ConnectErrorKind::AuthorizationViolation | async_nats::ConnectErrorKind::Authentication => {
+            BuildError::Refused(format!("{url}: {e}"))
+        }
+        _ => BuildError::Connect(format!("{url}: {e}")),
+    })
+}

@@ -1,0 +1,556 @@
+//! Peers' side of the wire: the receiver task that applies their batches and gathers the
+//! evidence the gate serves on, and the watchdog that reports the gate's changes.
+//!
+//! # Two paths, one evidence
+//! With a JetStream stream the receiver reads two paths in one task:
+//! - the **live path**, a core NATS subscription to the namespace: the fast way batches arrive
+//!   (one hop from the publisher's server), applied as soon as they come;
+//! - the **stream path**, an ordered consumer of the batch stream from the moment the node
+//!   started: every batch the stream stored, in stream order, applied if the live path missed
+//!   it (deduplicated by origin, epoch and sequence), and every node's latest heartbeat.
+//!
+//! The evidence is the node's **own heartbeat coming back through the stream path**. The
+//! heartbeat is sent at `t0` (monotonic clock) and stored in the stream; the stream delivers in
+//! stream order, and the receiver applies everything before it, so when it arrives the node has
+//! applied every batch stored before the heartbeat. An invalidation *accepted* before `t0` was
+//! acknowledged by the stream before `t0`, hence stored before the heartbeat was: it is among
+//! them. So the node may serve until `t0 + window` (`gate`).
+//!
+//! Why it holds in a cluster, and what it assumes: a JetStream stream acknowledges a message and
+//! delivers it to consumers only once its Raft group has committed it (a quorum of its
+//! replicas), and commits in one order, the stream sequence. A node cut off from the quorum, in
+//! whatever way (its own link, a route between two servers, a stream leader on the other side
+//! of a partition), cannot have its heartbeat committed, so gets no evidence and stops serving
+//! within the window; a replica or a consumer on the node's side that lags the leader delivers
+//! the heartbeat only after the batches committed before it, so it cannot vouch early. No
+//! clock is compared across machines. The fault suite's `route_partition_*` scenarios fail
+//! without it (`gate_from_own_echo_is_fooled_by_a_route_partition`).
+//!
+//! Alternatives weighed: a peer's heartbeats as evidence cannot tell a dead peer from a cut-off
+//! one, and say nothing about publishers that do not heartbeat (a Python publisher); the stream's
+//! last sequence asked of its leader costs a request per check and is answered by a deposed
+//! leader until it notices (a stale view, confidently); the heartbeat through the stream costs
+//! one stored message per node per interval, rolled up to one per node, and nothing per batch
+//! on the live path, so propagation keeps its one hop.
+//!
+//! Without a stream, the only path is the core subscription and the evidence is the node's own
+//! heartbeat coming back through NATS. It proves the node's own link works, not that every
+//! accepted invalidation reached it: a route partition inside a NATS cluster, or a publish the
+//! server never received, is not seen until a later batch or heartbeat of the same origin shows
+//! the hole. Every loss the receiver can see (a hole in an origin's sequence, an origin met past
+//! its first batch, a heartbeat announcing batches never received, a slow-consumer drop, a
+//! reconnect, a lapse of its own heartbeat) flushes every cache.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+use crate::apply::{apply_to, Applied, CacheEvent, PendingDrops};
+use crate::codec::{self, Batch, DecodeError, Heartbeat};
+use crate::state::{now_us, BusInner};
+use crate::stream::{self, Follower};
+use crate::transport::{LinkEvent, Received};
+
+/// Which path a message came by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// The core NATS subscription.
+    Live,
+    /// The stream's ordered consumer.
+    Stream,
+}
+
+/// Where the stream path stands.
+struct Following {
+    /// The first stream sequence followed.
+    start: u64,
+    /// The last stream sequence read (0: none yet).
+    last: u64,
+}
+
+/// When this node's own heartbeat last came back on the live path (for lapses, without a stream).
+#[derive(Default)]
+struct Echo {
+    last_arrival_ns: u64,
+}
+
+/// Receives the namespace's messages on both paths and applies peers' batches; gathers the
+/// evidence from this node's own heartbeat.
+pub(crate) async fn receiver(
+    inner: Arc<BusInner>,
+    mut live: BoxStream<'static, Result<Received, LinkEvent>>,
+    follower: Option<Follower>,
+    mut events: mpsc::Receiver<LinkEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (mut streamed, mut following) = match follower {
+        Some(f) => (
+            Some(f.messages),
+            Some(Following {
+                start: f.start,
+                last: 0,
+            }),
+        ),
+        None => (None, None),
+    };
+    let mut echo = Echo::default();
+    let mut disconnected = false;
+    // Events taken out of the channel while folding slow-consumer events, still to handle.
+    let mut deferred: std::collections::VecDeque<LinkEvent> = std::collections::VecDeque::new();
+    loop {
+        stall(&inner).await;
+        if let Some(ev) = deferred.pop_front() {
+            on_link_event(&inner, ev, &mut events, &mut deferred, &mut disconnected);
+            continue;
+        }
+        tokio::select! {
+            m = live.next() => match m {
+                Some(Ok(msg)) => on_live(&inner, &msg.subject, &msg.payload, &mut echo).await,
+                Some(Err(ev)) => on_link_event(&inner, ev, &mut events, &mut deferred, &mut disconnected),
+                None => return,
+            },
+            m = next_streamed(&mut streamed) => match m {
+                Some(Ok(msg)) => {
+                    if let Some(f) = following.as_mut() {
+                        on_streamed(&inner, f, msg).await;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(node = %inner.node_id, error = %e, "stream follower");
+                }
+                None => {
+                    tracing::error!(node = %inner.node_id, "the stream follower ended; the caches will not serve again");
+                    streamed = None;
+                }
+            },
+            Some(ev) = events.recv() => on_link_event(&inner, ev, &mut events, &mut deferred, &mut disconnected),
+            () = stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Resolves once `rx` holds true (or its sender is gone), holding no guard.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn next_streamed(
+    s: &mut Option<async_nats::jetstream::consumer::pull::Ordered>,
+) -> Option<Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::pull::OrderedError>> {
+    match s {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The test hook that stalls the receiver (the NATS client keeps reading meanwhile).
+async fn stall(inner: &BusInner) {
+    let until = inner.faults.stall_until_ns.load(Ordering::Acquire);
+    let now = inner.gate.now();
+    if until > now {
+        tokio::time::sleep(Duration::from_nanos(until - now)).await;
+    }
+}
+
+fn on_link_event(
+    inner: &BusInner,
+    ev: LinkEvent,
+    events: &mut mpsc::Receiver<LinkEvent>,
+    deferred: &mut std::collections::VecDeque<LinkEvent>,
+    disconnected: &mut bool,
+) {
+    let stream = inner.durable.is_some();
+    match ev {
+        LinkEvent::SlowConsumer => {
+            // async-nats raises one event per dropped message, so a burst of drops queues
+            // hundreds: fold them into one (keeping the other events, in order).
+            let mut n = 1;
+            while let Ok(ev) = events.try_recv() {
+                if ev == LinkEvent::SlowConsumer {
+                    n += 1;
+                } else {
+                    deferred.push_back(ev);
+                }
+            }
+            inner.metrics.slow_consumer_events.add(n);
+            inner.metrics.gaps.inc();
+            if stream {
+                tracing::warn!(node = %inner.node_id, dropped = n, "slow consumer: the live path dropped messages; the stream path fills them");
+            } else {
+                inner.flush_all("slow consumer: messages were dropped");
+            }
+        }
+        LinkEvent::Disconnected => {
+            tracing::warn!(node = %inner.node_id, "disconnected from NATS");
+            *disconnected = true;
+        }
+        LinkEvent::Connected => {
+            if std::mem::take(disconnected) {
+                inner.metrics.gaps.inc();
+                if stream {
+                    tracing::warn!(node = %inner.node_id, "reconnected to NATS; the stream path fills what the live path missed");
+                } else {
+                    inner.flush_all("reconnect: what was published meanwhile is lost");
+                }
+            }
+        }
+    }
+}
+
+fn count_refusal(inner: &BusInner, origin: &str, e: &DecodeError) {
+    let m = &inner.metrics;
+    match e {
+        DecodeError::Oversized { .. } => m.oversized.inc(),
+        DecodeError::Malformed(_) => m.malformed.inc(),
+        DecodeError::Invalid(_) => m.invalid.inc(),
+        DecodeError::Foreign(_) => m.foreign.inc(),
+    }
+    tracing::warn!(node = %inner.node_id, origin, kind = e.kind(), error = %e, "message dropped");
+}
+
+/// A decoded message of the namespace.
+enum Message {
+    Batch(Batch),
+    Heartbeat(Heartbeat),
+}
+
+/// Decodes a message and checks that it was published on its origin's subject.
+fn decode(inner: &BusInner, subject: &str, payload: &[u8]) -> Option<Message> {
+    let Some((kind, origin)) = inner.subjects.parse(subject) else {
+        inner.metrics.invalid.inc();
+        tracing::warn!(node = %inner.node_id, subject, "message on an unknown subject dropped");
+        return None;
+    };
+    let decoded = match kind {
+        "inv" => codec::decode_batch(payload, &inner.namespace, &inner.limits).and_then(|b| {
+            if b.origin == origin {
+                Ok(Message::Batch(b))
+            } else {
+                Err(DecodeError::Invalid(format!(
+                    "batch of {:?} on the subject of {origin:?}",
+                    b.origin
+                )))
+            }
+        }),
+        "hb" => codec::decode_heartbeat(payload, &inner.namespace, &inner.limits).and_then(|h| {
+            if h.origin == origin {
+                Ok(Message::Heartbeat(h))
+            } else {
+                Err(DecodeError::Invalid(format!(
+                    "heartbeat of {:?} on the subject of {origin:?}",
+                    h.origin
+                )))
+            }
+        }),
+        _ => {
+            inner.metrics.invalid.inc();
+            tracing::warn!(node = %inner.node_id, subject, "message on an unknown subject dropped");
+            return None;
+        }
+    };
+    match decoded {
+        Ok(m) => Some(m),
+        Err(e) => {
+            count_refusal(inner, origin, &e);
+            None
+        }
+    }
+}
+
+/// Whether a message is this process's own (an echo).
+fn own(inner: &BusInner, origin: &str, epoch: u64) -> bool {
+    origin == inner.node_id && epoch == inner.epoch
+}
+
+/// A message on the live path.
+async fn on_live(inner: &BusInner, subject: &str, payload: &[u8], echo: &mut Echo) {
+    let stream = inner.durable.is_some();
+    match decode(inner, subject, payload) {
+        Some(Message::Batch(batch)) => {
+            if own(inner, &batch.origin, batch.epoch) {
+                inner.metrics.echoes_skipped.inc();
+                return;
+            }
+            let verdict = {
+                let mut origins = inner.origins();
+                if stream {
+                    origins.live(&batch.origin, batch.epoch, batch.seq)
+                } else {
+                    origins.only(&batch.origin, batch.epoch, batch.seq)
+                }
+            };
+            if verdict.lost > 0 {
+                inner.metrics.gaps.inc();
+                inner.flush_all(&format!(
+                    "{} batches of {} before #{} were never received",
+                    verdict.lost, batch.origin, batch.seq
+                ));
+            }
+            if verdict.apply && !dropped_by_test_hook(inner) {
+                apply_batch(inner, batch, Path::Live).await;
+            } else if !verdict.apply {
+                inner.metrics.duplicates.inc();
+            }
+        }
+        Some(Message::Heartbeat(hb)) => {
+            if own(inner, &hb.origin, hb.epoch) {
+                if !stream {
+                    on_own_echo(inner, hb.beat, echo);
+                }
+                return;
+            }
+            heard(inner, &hb);
+            if !stream {
+                let lost = inner.origins().announced(&hb.origin, hb.epoch, hb.last_seq, false);
+                if lost > 0 {
+                    inner.metrics.gaps.inc();
+                    inner.flush_all(&format!(
+                        "{} announces batches up to #{}, {lost} of them never received",
+                        hb.origin, hb.last_seq
+                    ));
+                }
+            }
+        }
+        None => {}
+    }
+}
+
+/// Records a peer's heartbeat in the peer table.
+fn heard(inner: &BusInner, hb: &Heartbeat) {
+    inner.metrics.heartbeats_received.inc();
+    if hb.origin == inner.node_id {
+        // Another process with this node id (or a previous one of this process, still in the
+        // stream): its batches are applied as a peer's, but it is not a peer.
+        inner.metrics.duplicate_node_ids.inc();
+        tracing::warn!(node = %inner.node_id, other_epoch = hb.epoch, "another process publishes heartbeats with this node id");
+        return;
+    }
+    let recorded = inner.peers().heard(hb, inner.gate.now(), now_us());
+    if recorded == crate::peers::Recorded::Full {
+        inner.metrics.peers_refused.inc();
+        tracing::warn!(node = %inner.node_id, origin = %hb.origin, "peer table full: heartbeat not recorded");
+    }
+}
+
+/// Without a stream: this node's own heartbeat came back through NATS. After a lapse in
+/// arrivals (the link was cut, even silently, or the process was paused), whatever was
+/// published meanwhile may be lost: flush before vouching again.
+fn on_own_echo(inner: &BusInner, beat: u64, echo: &mut Echo) {
+    let Some(t0) = inner.beats().when(beat) else {
+        return;
+    };
+    let now = inner.gate.now();
+    let window = inner.window().as_nanos() as u64;
+    let prev = std::mem::replace(&mut echo.last_arrival_ns, now);
+    if prev > 0 && now.saturating_sub(prev) > window {
+        inner.metrics.gaps.inc();
+        inner.flush_all(&format!(
+            "own heartbeat back after a lapse of {} ms",
+            (now - prev) / 1_000_000
+        ));
+    }
+    inner.metrics.evidence.inc();
+    inner.gate.evidence(t0);
+}
+
+/// A message on the stream path, in stream order.
+async fn on_streamed(inner: &BusInner, f: &mut Following, msg: async_nats::jetstream::Message) {
+    let Ok(info) = msg.info() else {
+        return;
+    };
+    let seq = info.stream_sequence;
+    if seq < f.start {
+        // Redelivered from the stream's start after the follower was recreated before it had
+        // read anything: this predates the node's interest.
+        return;
+    }
+    if seq <= f.last {
+        return;
+    }
+    let expected = if f.last == 0 { f.start } else { f.last + 1 };
+    if seq > expected {
+        check_hole(inner, expected, seq).await;
+    }
+    f.last = seq;
+    match decode(inner, msg.subject.as_str(), &msg.payload) {
+        Some(Message::Batch(batch)) => {
+            if own(inner, &batch.origin, batch.epoch) {
+                return;
+            }
+            let verdict = inner.origins().streamed(&batch.origin, batch.epoch, batch.seq);
+            if verdict.lost > 0 {
+                inner.metrics.gaps.inc();
+                inner.flush_all(&format!(
+                    "{} batches of {} before #{} were never stored in the stream",
+                    verdict.lost, batch.origin, batch.seq
+                ));
+            }
+            if verdict.apply && !dropped_by_test_hook(inner) {
+                inner.metrics.replayed.inc();
+                apply_batch(inner, batch, Path::Stream).await;
+            }
+        }
+        Some(Message::Heartbeat(hb)) => {
+            if own(inner, &hb.origin, hb.epoch) {
+                // The evidence: everything stored before this heartbeat has been applied.
+                if let Some(t0) = inner.beats().when(hb.beat) {
+                    inner.metrics.evidence.inc();
+                    inner.gate.evidence(t0);
+                }
+                return;
+            }
+            if hb.origin == inner.node_id {
+                return;
+            }
+            let lost = inner.origins().announced(&hb.origin, hb.epoch, hb.last_seq, true);
+            if lost > 0 {
+                inner.metrics.gaps.inc();
+                inner.flush_all(&format!(
+                    "{} announces batches up to #{}; {lost} of them were never stored in the stream",
+                    hb.origin, hb.last_seq
+                ));
+            }
+        }
+        None => {}
+    }
+}
+
+/// The stream skipped sequences `from..to`: heartbeats that were rolled up (harmless), or
+/// messages the stream no longer holds (retention passed, or an operator purged it) that this
+/// node never read. Only the stream's leader can tell: ask it, and flush unless it still holds
+/// `from`.
+async fn check_hole(inner: &BusInner, from: u64, to: u64) {
+    let Some(d) = &inner.durable else {
+        return;
+    };
+    match stream::first_sequence(&d.stream, d.config.ack_timeout).await {
+        Ok(first) if first <= from => {
+            tracing::trace!(node = %inner.node_id, from, to, "stream hole: rolled-up heartbeats");
+        }
+        Ok(first) => {
+            inner.metrics.gaps.inc();
+            inner.flush_all(&format!(
+                "the stream no longer holds #{from}..#{} (it starts at #{first}): retention passed before this node read them",
+                first.min(to) - 1
+            ));
+        }
+        Err(e) => {
+            inner.metrics.gaps.inc();
+            inner.flush_all(&format!(
+                "the stream skipped #{from}..#{} and cannot say why: {e}",
+                to - 1
+            ));
+        }
+    }
+}
+
+/// The test hook that makes this node never apply some peers' batches.
+fn dropped_by_test_hook(inner: &BusInner) -> bool {
+    inner
+        .faults
+        .drop_batches
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// Applies a peer's batch to the caches and announces it (receipts, followers).
+async fn apply_batch(inner: &BusInner, batch: Batch, path: Path) {
+    let span = tracing::debug_span!("apply", node = %inner.node_id, origin = %batch.origin, epoch = batch.epoch, seq = batch.seq, ?path);
+    async {
+        let mut dropped = 0;
+        let mut flushed = false;
+        let mut pending = PendingDrops::default();
+        let mut purge_ids = Vec::new();
+        // Batches usually name one cache throughout: look it up once per run of the same name.
+        let mut resolved_for: Option<Option<&str>> = None;
+        let mut caches = Vec::new();
+        for inv in &batch.invalidations {
+            let name = inv.cache.as_deref();
+            if resolved_for != Some(name) {
+                caches = inner.targets(name);
+                resolved_for = Some(name);
+            }
+            if caches.is_empty() && name.is_some() {
+                inner.metrics.unknown_cache.inc();
+            }
+            for c in &caches {
+                let out = apply_to(c, &inv.target, inv.version, &mut pending).await;
+                dropped += out.dropped;
+                flushed |= out.flushed;
+            }
+            if !inv.purge_id.is_empty() {
+                purge_ids.push(inv.purge_id.clone());
+            }
+        }
+        inner.event(|| CacheEvent::Invalidated(Arc::from(batch.invalidations.as_slice())));
+        let applied_us = now_us();
+        inner.metrics.batches_received.inc();
+        inner
+            .metrics
+            .invalidations_received
+            .add(batch.invalidations.len() as u64);
+        if path == Path::Live {
+            inner
+                .metrics
+                .propagation
+                .record(applied_us.saturating_sub(batch.timestamp_us));
+        }
+        let _ = inner.applied.send(Applied {
+            origin: batch.origin,
+            epoch: batch.epoch,
+            seq: batch.seq,
+            published_us: batch.timestamp_us,
+            applied_us,
+            invalidations: batch.invalidations.len(),
+            dropped,
+            flushed,
+            purge_ids,
+            pending,
+        });
+    }
+    .instrument(span)
+    .await
+}
+
+/// How often the watchdog looks at the gate and the peer table.
+const WATCHDOG_TICK: Duration = Duration::from_millis(10);
+
+/// Reports the gate's changes (log, [`CacheEvent::NotServing`]) and expires silent peers. The
+/// gate itself needs no watchdog: every read checks the clock.
+pub(crate) async fn watchdog(inner: Arc<BusInner>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(WATCHDOG_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_expiry = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        match inner.gate.poll() {
+            Some(false) => {
+                inner.event(|| CacheEvent::NotServing);
+                tracing::warn!(node = %inner.node_id, "caches stop serving: no fresh evidence that this node has applied every accepted invalidation")
+            }
+            Some(true) => tracing::info!(node = %inner.node_id, "caches serve"),
+            None => {}
+        }
+        let now = inner.gate.now();
+        if now >= next_expiry {
+            next_expiry = now + 1_000_000_000;
+            let gone = inner.peers().expire(now);
+            if !gone.is_empty() {
+                let mut origins = inner.origins();
+                for id in &gone {
+                    origins.forget(id);
+                }
+                drop(origins);
+                tracing::info!(node = %inner.node_id, peers = ?gone, "peers silent for too long forgotten");
+            }
+        }
+    }
+}

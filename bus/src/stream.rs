@@ -1,0 +1,286 @@
+//! The JetStream side of a bus: the streams (created once, changed only by a node that manages
+//! them), the follower that reads the batch stream in order, and the check of what the stream
+//! still holds.
+//!
+//! The batch stream `INVALBUS_<ns>` keeps every batch (`invalbus.<ns>.inv.*`) and the latest
+//! heartbeat of each node (`invalbus.<ns>.hb.*`, rolled up per subject with `Nats-Rollup: sub`,
+//! so heartbeats cost one message per node, not one per second). Heartbeats are in it because
+//! they are the bus's evidence: a node's own heartbeat, delivered back by the stream in stream
+//! order, proves that the node has seen every batch the stream stored before it (see
+//! `receiver`).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use crate::config::JetStreamConfig;
+
+/// The stream that keeps every batch of a namespace (and its nodes' latest heartbeats).
+pub(crate) fn stream_name(namespace: &str) -> String {
+    format!("INVALBUS_{namespace}")
+}
+
+/// Who may change a stream that exists with other settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ownership {
+    /// Create it if it is missing; never change it (service replicas).
+    CreateOnly,
+    /// Create it, and bring an existing one to these settings (nodes).
+    Manage,
+}
+
+/// Why the streams could not be set up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum SetupError {
+    /// JetStream did not answer or is not ready (starting, electing a leader, a server down):
+    /// retrying may help.
+    #[error("JetStream not ready: {0}")]
+    Unavailable(String),
+    /// The stream exists with settings this bus cannot work with, or the server refused the
+    /// request as invalid: retrying will not help.
+    #[error("{0}")]
+    Config(String),
+}
+
+fn classify(what: &str, err: impl std::fmt::Display, code: Option<u64>) -> SetupError {
+    use jetstream::ErrorCode;
+    let text = format!("{what}: {err}");
+    match code.map(ErrorCode) {
+        Some(
+            ErrorCode::STREAM_SUBJECT_OVERLAP
+            | ErrorCode::BAD_REQUEST
+            | ErrorCode::INVALID_JSON
+            | ErrorCode::STREAM_MISMATCH
+            | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
+        ) => SetupError::Config(text),
+        // 10058: a stream of that name exists with another configuration.
+        Some(ErrorCode(10058)) => SetupError::Config(text),
+        _ => SetupError::Unavailable(text),
+    }
+}
+
+/// The JetStream API error code carried by an error, if it carries one.
+trait ApiCode {
+    fn api_code(&self) -> Option<u64>;
+}
+
+impl ApiCode for jetstream::context::GetStreamError {
+    fn api_code(&self) -> Option<u64> {
+        match self.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(e) => Some(e.error_code().0),
+            _ => None,
+        }
+    }
+}
+
+impl ApiCode for jetstream::context::CreateStreamError {
+    fn api_code(&self) -> Option<u64> {
+        match self.kind() {
+            jetstream::context::CreateStreamErrorKind::JetStream(e) => Some(e.error_code().0),
+            _ => None,
+        }
+    }
+}
+
+impl ApiCode for stream::ConsumerError {
+    fn api_code(&self) -> Option<u64> {
+        match self.kind() {
+            stream::ConsumerErrorKind::JetStream(e) => Some(e.error_code().0),
+            _ => None,
+        }
+    }
+}
+
+impl ApiCode for stream::InfoError {
+    fn api_code(&self) -> Option<u64> {
+        None
+    }
+}
+
+fn api_code<E: ApiCode>(e: &E) -> Option<u64> {
+    e.api_code()
+}
+
+/// What one stream must hold and keep.
+pub(crate) struct StreamSpec<'a> {
+    pub name: String,
+    pub subjects: Vec<String>,
+    /// Whether messages may roll up their subject (`Nats-Rollup: sub`).
+    pub rollup: bool,
+    pub config: &'a JetStreamConfig,
+}
+
+impl StreamSpec<'_> {
+    fn config(&self) -> stream::Config {
+        stream::Config {
+            name: self.name.clone(),
+            subjects: self.subjects.clone(),
+            max_age: self.config.max_age,
+            max_bytes: self.config.max_bytes,
+            num_replicas: self.config.replicas,
+            // The server refuses a duplicate window longer than the stream's max age.
+            duplicate_window: Duration::from_secs(120).min(self.config.max_age),
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::Old,
+            allow_rollup: self.rollup,
+            ..Default::default()
+        }
+    }
+}
+
+/// Creates the stream, or checks (and, for a [`Ownership::Manage`] caller, updates) an existing
+/// one. A service replica never changes a stream: one whose retention differs is kept as it is
+/// (the node that manages it is the one source of truth), and one that lacks what the bus needs
+/// is a configuration error that says what to do.
+pub(crate) async fn ensure(
+    js: &jetstream::Context,
+    spec: &StreamSpec<'_>,
+    ownership: Ownership,
+) -> Result<stream::Stream, SetupError> {
+    let want = spec.config();
+    let mut existing = match js.get_stream(&want.name).await {
+        Ok(s) => s,
+        Err(e) => {
+            let code = api_code(&e);
+            if code != Some(jetstream::ErrorCode::STREAM_NOT_FOUND.0) {
+                return Err(classify(&format!("stream {}", want.name), &e, code));
+            }
+            tracing::info!(stream = %want.name, subjects = ?want.subjects, max_age_s = want.max_age.as_secs(), replicas = want.num_replicas, "creating the stream");
+            return match js.create_stream(want.clone()).await {
+                Ok(s) => Ok(s),
+                // Another node created it meanwhile: check that one.
+                Err(e) if api_code(&e) == Some(10058) => js
+                    .get_stream(&want.name)
+                    .await
+                    .map_err(|e| classify(&format!("stream {}", want.name), &e, api_code(&e))),
+                Err(e) => Err(classify(&format!("create stream {}", want.name), &e, api_code(&e))),
+            };
+        }
+    };
+    let have = existing
+        .info()
+        .await
+        .map_err(|e| classify(&format!("stream {}", want.name), &e, api_code(&e)))?
+        .config
+        .clone();
+    let missing: Vec<&String> = want.subjects.iter().filter(|s| !have.subjects.contains(s)).collect();
+    let lacks_rollup = want.allow_rollup && !have.allow_rollup;
+    let retention_differs =
+        have.max_age != want.max_age || have.max_bytes != want.max_bytes || have.num_replicas != want.num_replicas;
+    match ownership {
+        Ownership::CreateOnly => {
+            if !missing.is_empty() || lacks_rollup {
+                return Err(SetupError::Config(format!(
+                    "stream {} exists without {}{}{}: it was made by an older invalbus or by hand; let an \
+                     invalbus node (which manages the streams) start once, or edit the stream",
+                    want.name,
+                    if missing.is_empty() {
+                        String::new()
+                    } else {
+                        format!("the subjects {missing:?}")
+                    },
+                    if !missing.is_empty() && lacks_rollup {
+                        " and "
+                    } else {
+                        ""
+                    },
+                    if lacks_rollup { "allow_rollup_hdrs" } else { "" },
+                )));
+            }
+            if retention_differs {
+                tracing::info!(stream = %want.name, max_age_s = have.max_age.as_secs(), max_bytes = have.max_bytes, replicas = have.num_replicas,
+                    "the stream exists with other retention settings; keeping them (the node that manages the stream decides)");
+            }
+            Ok(existing)
+        }
+        Ownership::Manage => {
+            if missing.is_empty() && !lacks_rollup && !retention_differs {
+                return Ok(existing);
+            }
+            let mut update = have.clone();
+            update.subjects.extend(missing.into_iter().cloned());
+            update.allow_rollup |= want.allow_rollup;
+            update.max_age = want.max_age;
+            update.max_bytes = want.max_bytes;
+            update.num_replicas = want.num_replicas;
+            update.duplicate_window = want.duplicate_window;
+            tracing::warn!(stream = %want.name, from_max_age_s = have.max_age.as_secs(), to_max_age_s = want.max_age.as_secs(),
+                from_replicas = have.num_replicas, to_replicas = want.num_replicas, subjects = ?update.subjects,
+                "updating the stream to this node's settings");
+            js.update_stream(update)
+                .await
+                .map_err(|e| classify(&format!("update stream {}", want.name), &e, api_code(&e)))?;
+            js.get_stream(&want.name)
+                .await
+                .map_err(|e| classify(&format!("stream {}", want.name), &e, api_code(&e)))
+        }
+    }
+}
+
+/// Retries `ensure` on [`SetupError::Unavailable`] with backoff until `deadline`.
+pub(crate) async fn ensure_patiently(
+    js: &jetstream::Context,
+    spec: &StreamSpec<'_>,
+    ownership: Ownership,
+    deadline: tokio::time::Instant,
+) -> Result<stream::Stream, SetupError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match ensure(js, spec, ownership).await {
+            Ok(s) => return Ok(s),
+            Err(SetupError::Unavailable(why)) if tokio::time::Instant::now() + backoff < deadline => {
+                tracing::warn!(stream = %spec.name, error = %why, retry_in_ms = backoff.as_millis() as u64, "JetStream not ready; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The batch stream read in order from where this node started following it.
+pub(crate) struct Follower {
+    pub messages: jetstream::consumer::pull::Ordered,
+    /// The first stream sequence this node follows: anything below predates its interest.
+    pub start: u64,
+}
+
+/// How long one pull request of the follower waits (see `follow`).
+const FOLLOWER_PULL_EXPIRY: Duration = Duration::from_secs(1);
+
+/// Starts following `stream` from the next message it stores.
+pub(crate) async fn follow(stream: &stream::Stream) -> Result<Follower, SetupError> {
+    let last = stream
+        .get_info()
+        .await
+        .map_err(|e| classify("stream info", &e, api_code(&e)))?
+        .state
+        .last_sequence;
+    let start = last + 1;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
+            // Pull requests that expire after a second, with idle heartbeats every half second:
+            // a follower whose server went away is recreated within seconds (the client's
+            // default of 30 s would keep the caches from serving that long after a restart).
+            max_expires: FOLLOWER_PULL_EXPIRY,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| classify("create the stream follower", &e, api_code(&e)))?;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| SetupError::Unavailable(format!("start the stream follower: {e}")))?;
+    Ok(Follower { messages, start })
+}
+
+/// The first sequence the stream still holds, as its leader says (so a follower can tell a
+/// hole left by rolled-up heartbeats from one left by retention).
+pub(crate) async fn first_sequence(stream: &stream::Stream, timeout: Duration) -> Result<u64, String> {
+    match tokio::time::timeout(timeout, stream.get_info()).await {
+        Ok(Ok(info)) => Ok(info.state.first_sequence),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
