@@ -562,6 +562,15 @@ impl SidecarService {
 
 #[tonic::async_trait]
 impl Cache for SidecarService {
+    type WatchStream = crate::watch::WatchStream;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let who = self.state.auth.check(&request, "Watch", Role::Cache)?;
+        let r = request.into_inner();
+        self.cache("Watch", &who, &r.cache)?;
+        Ok(Response::new(crate::watch::watch(self.state.clone(), r.cache)))
+    }
+
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let who = self.state.auth.check(&request, "Get", Role::Cache)?;
         let r = request.into_inner();

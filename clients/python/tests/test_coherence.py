@@ -18,6 +18,7 @@ def test_no_stale_read_beyond_the_bound_with_a_fault(l1: bool) -> None:
 
 
 def test_the_checker_catches_an_incoherent_cache() -> None:
-    s = run(4.0, l1=False, fault=False, incoherent=True)
+    # Long enough that a value kept from the start is older than the bound by the end.
+    s = run(8.0, l1=False, fault=False, incoherent=True)
     print(s.line())
     assert s.stale_beyond_bound > 0, "the checker missed stale reads: " + s.line()

@@ -223,3 +223,47 @@ class InvalidateResponse(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     seq: int
     def __init__(self, seq: _Optional[int] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("cache",)
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    cache: str
+    def __init__(self, cache: _Optional[str] = ...) -> None: ...
+
+class WatchEvent(_message.Message):
+    __slots__ = ("keepalive", "invalidated", "flushed", "not_serving")
+    KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
+    INVALIDATED_FIELD_NUMBER: _ClassVar[int]
+    FLUSHED_FIELD_NUMBER: _ClassVar[int]
+    NOT_SERVING_FIELD_NUMBER: _ClassVar[int]
+    keepalive: Keepalive
+    invalidated: Invalidations
+    flushed: bool
+    not_serving: bool
+    def __init__(self, keepalive: _Optional[_Union[Keepalive, _Mapping]] = ..., invalidated: _Optional[_Union[Invalidations, _Mapping]] = ..., flushed: _Optional[bool] = ..., not_serving: _Optional[bool] = ...) -> None: ...
+
+class Keepalive(_message.Message):
+    __slots__ = ("vouched_for_ms",)
+    VOUCHED_FOR_MS_FIELD_NUMBER: _ClassVar[int]
+    vouched_for_ms: int
+    def __init__(self, vouched_for_ms: _Optional[int] = ...) -> None: ...
+
+class Invalidations(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Invalidated]
+    def __init__(self, items: _Optional[_Iterable[_Union[Invalidated, _Mapping]]] = ...) -> None: ...
+
+class Invalidated(_message.Message):
+    __slots__ = ("key", "tag", "prefix", "all", "version")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    tag: str
+    prefix: str
+    all: bool
+    version: int
+    def __init__(self, key: _Optional[str] = ..., tag: _Optional[str] = ..., prefix: _Optional[str] = ..., all: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...

@@ -104,6 +104,11 @@ class CacheStub:
                 request_serializer=cache__pb2.InvalidateAllRequest.SerializeToString,
                 response_deserializer=cache__pb2.InvalidateResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/invalbus.cache.v1.Cache/Watch',
+                request_serializer=cache__pb2.WatchRequest.SerializeToString,
+                response_deserializer=cache__pb2.WatchEvent.FromString,
+                _registered_method=True)
 
 
 class CacheServicer:
@@ -208,6 +213,15 @@ class CacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """What this node's caches apply, as it applies it, for a client's in-process cache (L1): see
+        WatchEvent. The stream starts with a keepalive; a client serves from its copy only while the
+        stream is open and until `received + vouched_for_ms` of its latest keepalive.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -280,6 +294,11 @@ def add_CacheServicer_to_server(servicer, server):
                     servicer.InvalidateAll,
                     request_deserializer=cache__pb2.InvalidateAllRequest.FromString,
                     response_serializer=cache__pb2.InvalidateResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=cache__pb2.WatchRequest.FromString,
+                    response_serializer=cache__pb2.WatchEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -660,6 +679,33 @@ class Cache:
             '/invalbus.cache.v1.Cache/InvalidateAll',
             cache__pb2.InvalidateAllRequest.SerializeToString,
             cache__pb2.InvalidateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/invalbus.cache.v1.Cache/Watch',
+            cache__pb2.WatchRequest.SerializeToString,
+            cache__pb2.WatchEvent.FromString,
             options,
             channel_credentials,
             insecure,

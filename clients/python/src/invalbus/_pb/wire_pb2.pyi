@@ -45,7 +45,7 @@ class Invalidation(_message.Message):
     def __init__(self, cache: _Optional[str] = ..., key: _Optional[str] = ..., tag: _Optional[str] = ..., prefix: _Optional[str] = ..., all: _Optional[bool] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., purge_id: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("origin", "epoch", "last_seq", "timestamp_us", "address", "caches", "namespace", "writes_receipts")
+    __slots__ = ("origin", "epoch", "last_seq", "timestamp_us", "address", "caches", "namespace", "writes_receipts", "beat")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class Heartbeat(_message.Message):
     CACHES_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     WRITES_RECEIPTS_FIELD_NUMBER: _ClassVar[int]
+    BEAT_FIELD_NUMBER: _ClassVar[int]
     origin: str
     epoch: int
     last_seq: int
@@ -62,7 +63,8 @@ class Heartbeat(_message.Message):
     caches: _containers.RepeatedCompositeFieldContainer[CacheSize]
     namespace: str
     writes_receipts: bool
-    def __init__(self, origin: _Optional[str] = ..., epoch: _Optional[int] = ..., last_seq: _Optional[int] = ..., timestamp_us: _Optional[int] = ..., address: _Optional[str] = ..., caches: _Optional[_Iterable[_Union[CacheSize, _Mapping]]] = ..., namespace: _Optional[str] = ..., writes_receipts: _Optional[bool] = ...) -> None: ...
+    beat: int
+    def __init__(self, origin: _Optional[str] = ..., epoch: _Optional[int] = ..., last_seq: _Optional[int] = ..., timestamp_us: _Optional[int] = ..., address: _Optional[str] = ..., caches: _Optional[_Iterable[_Union[CacheSize, _Mapping]]] = ..., namespace: _Optional[str] = ..., writes_receipts: _Optional[bool] = ..., beat: _Optional[int] = ...) -> None: ...
 
 class CacheSize(_message.Message):
     __slots__ = ("name", "entries")
