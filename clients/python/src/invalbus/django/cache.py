@@ -177,8 +177,10 @@ class InvalbusCache(BaseCache):
     def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         key = self.make_and_validate_key(key, version=version)
         ttl = self._ttl(timeout)
+        # Not a write: other processes' L1 copies keep their own expiry (at most the node
+        # cache's time to live); this process drops its copy so that it sees the new one.
+        self._drop_local([key])
         if ttl is not None and ttl <= 0:
-            self._drop_local([key])
             return self._client.delete([key], reason="touch with timeout 0")[0]
         return self._client.touch(key, ttl)
 
@@ -388,8 +390,8 @@ class InvalbusCache(BaseCache):
     async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: int | None = None) -> bool:
         key = self.make_and_validate_key(key, version=version)
         ttl = self._ttl(timeout)
+        self._drop_local([key])
         if ttl is not None and ttl <= 0:
-            self._drop_local([key])
             return (await self._aclient.delete([key], reason="touch with timeout 0"))[0]
         return await self._aclient.touch(key, ttl)
 
