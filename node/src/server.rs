@@ -294,14 +294,14 @@ impl Node {
             .build_v1alpha()
             .map_err(|e| NodeError::Config(e.to_string()))?;
         let mut server = server_builder(&config)?;
-        let sidecar = SidecarService::new(state.clone());
+        let (stop_serving, serving) = watch::channel(false);
+        let sidecar = SidecarService::new(state.clone()).stop_on(serving.clone());
         let router = server
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(AdminServer::new(AdminService::new(state.clone())))
             .add_service(CacheServer::new(sidecar.clone()));
-        let (stop_serving, serving) = watch::channel(false);
         let server = listener.serve(router, serving.clone());
         let reads = match (read_listener, &config.read_listen) {
             (Some(l), Some(path)) => Some(tokio::spawn(crate::readsock::serve(

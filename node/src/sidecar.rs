@@ -65,6 +65,9 @@ pub struct SidecarService {
     state: Arc<NodeState>,
     reservations: Arc<Mutex<Reservations>>,
     key_locks: Arc<[tokio::sync::Mutex<()>]>,
+    /// Turns true when the node shuts down: Watch streams end then (the server waits for its
+    /// streams to finish before it stops).
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// One open reservation.
@@ -213,7 +216,14 @@ impl SidecarService {
             state,
             reservations: Arc::new(Mutex::new(Reservations::default())),
             key_locks: (0..KEY_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            stop: tokio::sync::watch::channel(false).1,
         }
+    }
+
+    /// Ends the Watch streams when `stop` turns true (the node's shutdown signal).
+    pub fn stop_on(mut self, stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stop = stop;
+        self
     }
 
     fn cache(&self, method: &str, who: &Principal, name: &str) -> Result<&invalbus::Cache<Bytes>, Status> {
@@ -568,7 +578,11 @@ impl Cache for SidecarService {
         let who = self.state.auth.check(&request, "Watch", Role::Cache)?;
         let r = request.into_inner();
         self.cache("Watch", &who, &r.cache)?;
-        Ok(Response::new(crate::watch::watch(self.state.clone(), r.cache)))
+        Ok(Response::new(crate::watch::watch(
+            self.state.clone(),
+            r.cache,
+            self.stop.clone(),
+        )))
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use invalbus::{CacheEvent, Target};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tonic::Status;
 
 use crate::pb::cache::{invalidated, watch_event, Invalidated, Invalidations, Keepalive, WatchEvent};
@@ -36,8 +36,9 @@ fn event(e: watch_event::Event) -> Result<WatchEvent, Status> {
     Ok(WatchEvent { event: Some(e) })
 }
 
-/// The events of `cache` on this node, until the client goes away or falls behind.
-pub fn watch(state: Arc<NodeState>, cache: String) -> WatchStream {
+/// The events of `cache` on this node, until the client goes away or falls behind, or `stop`
+/// turns true (the node shuts down).
+pub fn watch(state: Arc<NodeState>, cache: String, mut stop: watch::Receiver<bool>) -> WatchStream {
     // Subscribed before the task starts: nothing applied after this call is missed.
     let mut events = state.bus.subscribe_events();
     let (tx, rx) = mpsc::channel(BUFFER);
@@ -53,6 +54,10 @@ pub fn watch(state: Arc<NodeState>, cache: String) -> WatchStream {
                 // Events first: a keepalive never overtakes an event already queued.
                 biased;
                 _ = tx.closed() => break,
+                _ = crate::audit::stopped(&mut stop) => {
+                    let _ = tx.send(Err(Status::unavailable("the node is shutting down"))).await;
+                    break;
+                }
                 ev = events.recv() => match ev {
                     Ok(CacheEvent::Invalidated(invs)) => {
                         let items: Vec<Invalidated> = invs

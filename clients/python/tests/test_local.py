@@ -5,6 +5,7 @@ its node stops vouching (a cut NATS link)."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -99,7 +100,11 @@ def test_the_layer_stops_serving_when_its_node_is_cut_off_and_when_the_stream_br
         assert l1.get(k) is None, "the L1 kept a copy across an outage"
         # The stream breaks (the node stops): the L1 stops at once.
         assert read_through(l1, cr, k) in (b"v", None)
+        started = time.monotonic()
         r.stop()
+        # An open Watch stream must not hold up the node's shutdown (its server waits for
+        # running calls for up to 15 s).
+        assert time.monotonic() - started < 10, "the node took long to stop with a Watch stream open"
         wait_for("the L1 to stop serving when its stream breaks", lambda: not l1.serving(), 30)
         assert l1.get(k) is None
         l1.close()
