@@ -105,7 +105,13 @@ fn incoming(
     listener: Arc<TcpListener>,
 ) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
     futures::stream::unfold(listener, |l| async move {
-        let conn = l.accept().await.map(|(s, _)| s);
+        let conn = l.accept().await.map(|(s, _)| {
+            // Without it, Nagle's algorithm holds a small answer back until the client ACKs the
+            // previous frame (up to 40 ms with delayed ACKs) whenever a stream on the same
+            // connection (Watch) has just sent one.
+            let _ = s.set_nodelay(true);
+            s
+        });
         Some((conn, l))
     })
 }

@@ -51,13 +51,22 @@ pub fn watch(state: Arc<NodeState>, cache: String, mut stop: watch::Receiver<boo
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let out = tokio::select! {
-                // Events first: a keepalive never overtakes an event already queued.
+                // The keepalive before events: under a steady flow of events it would otherwise
+                // never go out, and the client would stop serving. A keepalive may overtake an
+                // event already applied and queued here by the few microseconds it takes to
+                // send both (the "stream delivery" of the bound).
                 biased;
                 _ = tx.closed() => break,
                 _ = crate::audit::stopped(&mut stop) => {
                     let _ = tx.send(Err(Status::unavailable("the node is shutting down"))).await;
                     break;
                 }
+                _ = tick.tick() => match state.bus.vouched_for() {
+                    Some(d) => event(watch_event::Event::Keepalive(Keepalive {
+                        vouched_for_ms: d.as_millis() as u64,
+                    })),
+                    None => event(watch_event::Event::NotServing(true)),
+                },
                 ev = events.recv() => match ev {
                     Ok(CacheEvent::Invalidated(invs)) => {
                         let items: Vec<Invalidated> = invs
@@ -99,12 +108,6 @@ pub fn watch(state: Arc<NodeState>, cache: String, mut stop: watch::Receiver<boo
                         let _ = tx.send(Err(Status::unavailable("the node is shutting down"))).await;
                         break;
                     }
-                },
-                _ = tick.tick() => match state.bus.vouched_for() {
-                    Some(d) => event(watch_event::Event::Keepalive(Keepalive {
-                        vouched_for_ms: d.as_millis() as u64,
-                    })),
-                    None => event(watch_event::Event::NotServing(true)),
                 },
             };
             if tx.send(out).await.is_err() {

@@ -131,6 +131,9 @@ class TcpProxy:
                 client.close()
                 continue
             upstream.settimeout(None)
+            for s in (client, upstream):
+                # Relay small NATS messages at once (Nagle would hold them for the peer's ACK).
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
