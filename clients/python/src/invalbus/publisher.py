@@ -132,8 +132,11 @@ async def publish_raw(nc: Any, subject: str, payload: bytes, *, ack: bool = Fals
         except Exception as e:  # nats-py raises its own error types for refusals
             raise PublishError(str(e)) from e
     await nc.publish(subject, payload)
-    # The server answers the flush's PING after it has processed the PUB; a refusal
-    # (permissions) comes as -ERR first and nats-py hands it to the error callback.
+    # The server answers a PING after it has processed what came before it; a refusal
+    # (permissions) comes as -ERR before that PONG, and nats-py hands it to the error callback
+    # as it reads it. Twice: nats-py writes a flush's PING straight to the socket but the PUB
+    # through its buffer, so the first PING can overtake the PUB; the second cannot.
+    await nc.flush()
     await nc.flush()
     if errors:
         raise PublishError(str(errors[-1]))
