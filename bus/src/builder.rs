@@ -61,6 +61,7 @@ pub struct BusBuilder {
     startup_timeout: Duration,
     peer_expiry: Duration,
     max_peers: usize,
+    echo_evidence: bool,
 }
 
 impl Default for BusBuilder {
@@ -84,6 +85,7 @@ impl Default for BusBuilder {
             startup_timeout: Duration::from_secs(30),
             peer_expiry: Duration::from_secs(30),
             max_peers: 4096,
+            echo_evidence: false,
         }
     }
 }
@@ -287,6 +289,15 @@ impl BusBuilder {
         self
     }
 
+    /// With JetStream, takes the evidence from this node's own heartbeat coming back through
+    /// NATS (as without a stream) and does not follow the stream: the gate as it was before the
+    /// stream gave evidence. Only for tests that show what the stream's evidence prevents.
+    #[doc(hidden)]
+    pub fn evidence_from_own_echo_for_tests(mut self) -> Self {
+        self.echo_evidence = true;
+        self
+    }
+
     /// Connects, subscribes, sets up the streams, starts the tasks, and waits for the first
     /// evidence that the caches may serve (this node's heartbeat back through the stream, or
     /// without one through NATS): from then on no invalidation published is missed.
@@ -372,14 +383,21 @@ impl BusBuilder {
                         .await
                         .map_err(setup_error)?;
                 }
-                let follower = follow_patiently(&s, deadline).await.map_err(setup_error)?;
+                let follower = if self.echo_evidence {
+                    None
+                } else {
+                    Some(
+                        follow_patiently(&s, subjects.all_inv(), deadline)
+                            .await
+                            .map_err(setup_error)?,
+                    )
+                };
                 (
                     Some(Durable {
                         js,
-                        stream: s,
                         config: config.clone(),
                     }),
-                    Some(follower),
+                    follower,
                 )
             }
             (Link::InProcess(_), Some(_)) => {
@@ -419,6 +437,7 @@ impl BusBuilder {
             subjects,
             link,
             durable,
+            follows_stream: follower.is_some(),
             caches: RwLock::new(HashMap::new()),
             outbox: out_tx,
             outbound_capacity: self.outbound_queue,
@@ -478,7 +497,7 @@ impl BusBuilder {
                 bus.shutdown().await;
                 return Err(BuildError::Unavailable(format!(
                     "this node's heartbeat did not come back {} within {:?}",
-                    if bus.inner.durable.is_some() {
+                    if bus.inner.follows_stream {
                         "through the stream"
                     } else {
                         "through NATS"
@@ -503,11 +522,12 @@ fn setup_error(e: SetupError) -> BuildError {
 /// Starts following the stream, retrying while JetStream is not ready.
 async fn follow_patiently(
     s: &jetstream::stream::Stream,
+    batches: String,
     deadline: tokio::time::Instant,
 ) -> Result<stream::Follower, SetupError> {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match stream::follow(s).await {
+        match stream::Follower::start(s, batches.clone()).await {
             Ok(f) => return Ok(f),
             Err(SetupError::Unavailable(why)) if tokio::time::Instant::now() + backoff < deadline => {
                 tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64, "cannot follow the stream yet; retrying");

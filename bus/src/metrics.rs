@@ -213,6 +213,7 @@ pub(crate) struct BusMetrics {
     pub evidence: Counter,
     pub duplicate_node_ids: Counter,
     pub peers_refused: Counter,
+    pub follower_rereads: Counter,
     pub propagation: Latency,
 }
 
@@ -266,6 +267,9 @@ pub struct BusStats {
     pub duplicate_node_ids: u64,
     /// Heartbeats not recorded because the peer table was full.
     pub peers_refused: u64,
+    /// Times the stream follower read again from a hole (its consumer skipped a stored batch,
+    /// or the leader could not say what the hole held).
+    pub follower_rereads: u64,
     /// Peers in the peer table.
     pub peers: u64,
     /// Origins whose sequences are tracked.
@@ -309,6 +313,7 @@ impl BusMetrics {
             evidence: self.evidence.get(),
             duplicate_node_ids: self.duplicate_node_ids.get(),
             peers_refused: self.peers_refused.get(),
+            follower_rereads: self.follower_rereads.get(),
             peers: 0,
             origins_tracked: 0,
             receipts_published: self.receipts_published.get(),

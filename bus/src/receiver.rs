@@ -53,7 +53,7 @@ use tracing::Instrument;
 use crate::apply::{apply_to, Applied, CacheEvent, PendingDrops};
 use crate::codec::{self, Batch, DecodeError, Heartbeat};
 use crate::state::{now_us, BusInner};
-use crate::stream::{self, Follower};
+use crate::stream::{Follower, Hole};
 use crate::transport::{LinkEvent, Received};
 
 /// Which path a message came by.
@@ -63,14 +63,6 @@ enum Path {
     Live,
     /// The stream's ordered consumer.
     Stream,
-}
-
-/// Where the stream path stands.
-struct Following {
-    /// The first stream sequence followed.
-    start: u64,
-    /// The last stream sequence read (0: none yet).
-    last: u64,
 }
 
 /// When this node's own heartbeat last came back on the live path (for lapses, without a stream).
@@ -84,20 +76,10 @@ struct Echo {
 pub(crate) async fn receiver(
     inner: Arc<BusInner>,
     mut live: BoxStream<'static, Result<Received, LinkEvent>>,
-    follower: Option<Follower>,
+    mut follower: Option<Follower>,
     mut events: mpsc::Receiver<LinkEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (mut streamed, mut following) = match follower {
-        Some(f) => (
-            Some(f.messages),
-            Some(Following {
-                start: f.start,
-                last: 0,
-            }),
-        ),
-        None => (None, None),
-    };
     let mut echo = Echo::default();
     let mut disconnected = false;
     // Events taken out of the channel while folding slow-consumer events, still to handle.
@@ -114,9 +96,9 @@ pub(crate) async fn receiver(
                 Some(Err(ev)) => on_link_event(&inner, ev, &mut events, &mut deferred, &mut disconnected),
                 None => return,
             },
-            m = next_streamed(&mut streamed) => match m {
+            m = next_streamed(&mut follower) => match m {
                 Some(Ok(msg)) => {
-                    if let Some(f) = following.as_mut() {
+                    if let Some(f) = follower.as_mut() {
                         on_streamed(&inner, f, msg).await;
                     }
                 }
@@ -124,8 +106,10 @@ pub(crate) async fn receiver(
                     tracing::debug!(node = %inner.node_id, error = %e, "stream follower");
                 }
                 None => {
-                    tracing::error!(node = %inner.node_id, "the stream follower ended; the caches will not serve again");
-                    streamed = None;
+                    tracing::warn!(node = %inner.node_id, "the stream follower ended; starting it again");
+                    if let Some(f) = follower.as_mut() {
+                        f.reread();
+                    }
                 }
             },
             Some(ev) = events.recv() => on_link_event(&inner, ev, &mut events, &mut deferred, &mut disconnected),
@@ -140,10 +124,10 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 async fn next_streamed(
-    s: &mut Option<async_nats::jetstream::consumer::pull::Ordered>,
+    f: &mut Option<Follower>,
 ) -> Option<Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::pull::OrderedError>> {
-    match s {
-        Some(s) => s.next().await,
+    match f {
+        Some(f) => f.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -164,7 +148,7 @@ fn on_link_event(
     deferred: &mut std::collections::VecDeque<LinkEvent>,
     disconnected: &mut bool,
 ) {
-    let stream = inner.durable.is_some();
+    let stream = inner.follows_stream;
     match ev {
         LinkEvent::SlowConsumer => {
             // async-nats raises one event per dropped message, so a burst of drops queues
@@ -269,7 +253,7 @@ fn own(inner: &BusInner, origin: &str, epoch: u64) -> bool {
 
 /// A message on the live path.
 async fn on_live(inner: &BusInner, subject: &str, payload: &[u8], echo: &mut Echo) {
-    let stream = inner.durable.is_some();
+    let stream = inner.follows_stream;
     match decode(inner, subject, payload) {
         Some(Message::Batch(batch)) => {
             if own(inner, &batch.origin, batch.epoch) {
@@ -359,24 +343,19 @@ fn on_own_echo(inner: &BusInner, beat: u64, echo: &mut Echo) {
 }
 
 /// A message on the stream path, in stream order.
-async fn on_streamed(inner: &BusInner, f: &mut Following, msg: async_nats::jetstream::Message) {
+async fn on_streamed(inner: &BusInner, f: &mut Follower, msg: async_nats::jetstream::Message) {
     let Ok(info) = msg.info() else {
         return;
     };
     let seq = info.stream_sequence;
-    if seq < f.start {
-        // Redelivered from the stream's start after the follower was recreated before it had
-        // read anything: this predates the node's interest.
+    if seq < f.next {
+        // Behind where the node stands: read before, or before it started following.
         return;
     }
-    if seq <= f.last {
+    if !hole_checked(inner, f, seq).await {
         return;
     }
-    let expected = if f.last == 0 { f.start } else { f.last + 1 };
-    if seq > expected {
-        check_hole(inner, expected, seq).await;
-    }
-    f.last = seq;
+    f.next = seq + 1;
     match decode(inner, msg.subject.as_str(), &msg.payload) {
         Some(Message::Batch(batch)) => {
             if own(inner, &batch.origin, batch.epoch) {
@@ -420,33 +399,43 @@ async fn on_streamed(inner: &BusInner, f: &mut Following, msg: async_nats::jetst
     }
 }
 
-/// The stream skipped sequences `from..to`: heartbeats that were rolled up (harmless), or
-/// messages the stream no longer holds (retention passed, or an operator purged it) that this
-/// node never read. Only the stream's leader can tell: ask it, and flush unless it still holds
-/// `from`.
-async fn check_hole(inner: &BusInner, from: u64, to: u64) {
+/// Whether the follower may go on to `seq` from where it stands. Sequences it skipped must be
+/// heartbeats rolled up since (harmless), or gone from the stream (flush); a batch skipped, or
+/// a leader that cannot say, makes it read again from the hole, and nothing after the hole is
+/// taken (so no evidence either) until then.
+async fn hole_checked(inner: &BusInner, f: &mut Follower, seq: u64) -> bool {
     let Some(d) = &inner.durable else {
-        return;
+        return true;
     };
-    match stream::first_sequence(&d.stream, d.config.ack_timeout).await {
-        Ok(first) if first <= from => {
-            tracing::trace!(node = %inner.node_id, from, to, "stream hole: rolled-up heartbeats");
-        }
-        Ok(first) => {
-            inner.metrics.gaps.inc();
-            inner.flush_all(&format!(
-                "the stream no longer holds #{from}..#{} (it starts at #{first}): retention passed before this node read them",
-                first.min(to) - 1
-            ));
-        }
-        Err(e) => {
-            inner.metrics.gaps.inc();
-            inner.flush_all(&format!(
-                "the stream skipped #{from}..#{} and cannot say why: {e}",
-                to - 1
-            ));
+    let mut from = f.next;
+    while seq > from {
+        match f.check_hole(from, seq, d.config.ack_timeout).await {
+            Hole::Harmless => break,
+            Hole::Clipped { first } => {
+                inner.metrics.gaps.inc();
+                inner.flush_all(&format!(
+                    "the stream no longer holds #{from}..#{} (it starts at #{first}): retention passed before this node read them",
+                    first.min(seq) - 1
+                ));
+                from = first.min(seq);
+            }
+            Hole::Skipped { batch } => {
+                inner.metrics.follower_rereads.inc();
+                tracing::warn!(node = %inner.node_id, from, to = seq, batch, "the stream consumer skipped a stored batch; reading again from the hole");
+                f.next = from;
+                f.reread();
+                return false;
+            }
+            Hole::Unknown(e) => {
+                inner.metrics.follower_rereads.inc();
+                tracing::warn!(node = %inner.node_id, from, to = seq, error = %e, "cannot check what the stream consumer skipped; reading again from the hole");
+                f.next = from;
+                f.reread();
+                return false;
+            }
         }
     }
+    true
 }
 
 /// The test hook that makes this node never apply some peers' batches.

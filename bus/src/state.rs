@@ -47,7 +47,6 @@ pub(crate) struct Outgoing {
 /// The JetStream side of a bus.
 pub(crate) struct Durable {
     pub js: jetstream::Context,
-    pub stream: jetstream::stream::Stream,
     pub config: JetStreamConfig,
 }
 
@@ -96,6 +95,9 @@ pub(crate) struct BusInner {
     pub subjects: Subjects,
     pub link: Link,
     pub durable: Option<Durable>,
+    /// Whether the receiver follows the batch stream (then the evidence comes from it; else
+    /// from this node's own heartbeat through NATS).
+    pub follows_stream: bool,
     pub caches: RwLock<HashMap<String, Arc<dyn Applier>>>,
     pub outbox: mpsc::Sender<Outgoing>,
     pub outbound_capacity: usize,

@@ -238,49 +238,140 @@ pub(crate) async fn ensure_patiently(
     }
 }
 
-/// The batch stream read in order from where this node started following it.
-pub(crate) struct Follower {
-    pub messages: jetstream::consumer::pull::Ordered,
-    /// The first stream sequence this node follows: anything below predates its interest.
-    pub start: u64,
-}
-
-/// How long one pull request of the follower waits (see `follow`).
+/// How long one pull request of the follower waits: a follower whose server went away is
+/// recreated within seconds (the client's default of 30 s would keep the caches from serving
+/// that long after a restart), at the cost of one idle pull request a second.
 const FOLLOWER_PULL_EXPIRY: Duration = Duration::from_secs(1);
 
-/// Starts following `stream` from the next message it stores.
-pub(crate) async fn follow(stream: &stream::Stream) -> Result<Follower, SetupError> {
-    let last = stream
-        .get_info()
-        .await
-        .map_err(|e| classify("stream info", &e, api_code(&e)))?
-        .state
-        .last_sequence;
-    let start = last + 1;
+/// How long the follower waits before trying again to (re)create its consumer.
+const FOLLOWER_RETRY: Duration = Duration::from_millis(250);
+
+/// The batch stream read in order from where this node started following it.
+///
+/// It rides on an ordered consumer, which recreates itself after lost messages and restarts,
+/// but which was seen here to skip hundreds of stored batches after a connection reset (it
+/// resumed at the tip of the stream). So the follower does not take its word for it: every
+/// sequence it skips is checked with the stream's leader ([`Follower::check_hole`]), and a
+/// skipped batch makes it read again from the hole.
+pub(crate) struct Follower {
+    stream: stream::Stream,
+    messages: Option<jetstream::consumer::pull::Ordered>,
+    /// The stream sequence the next message must have (anything below is behind us).
+    pub next: u64,
+    /// Every batch subject of the namespace.
+    batches: String,
+    /// When to try again to create the consumer, after a failure.
+    retry_at: Option<tokio::time::Instant>,
+}
+
+/// What a hole in the follower's sequence was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Hole {
+    /// Only heartbeats were there (rolled up since): nothing to apply.
+    Harmless,
+    /// The stream no longer holds its start (retention passed, or the stream was purged):
+    /// what was there is lost; it starts at `first`.
+    Clipped { first: u64 },
+    /// A batch is there that the consumer skipped: read again from the hole.
+    Skipped { batch: u64 },
+    /// The leader could not be asked.
+    Unknown(String),
+}
+
+impl Follower {
+    /// Starts following `stream` from the next message it stores.
+    pub async fn start(stream: &stream::Stream, batches: String) -> Result<Follower, SetupError> {
+        let last = stream
+            .get_info()
+            .await
+            .map_err(|e| classify("stream info", &e, api_code(&e)))?
+            .state
+            .last_sequence;
+        let mut f = Follower {
+            stream: stream.clone(),
+            messages: None,
+            next: last + 1,
+            batches,
+            retry_at: None,
+        };
+        f.messages = Some(consumer(f.stream.clone(), f.next).await?);
+        Ok(f)
+    }
+}
+
+/// An ordered consumer of `stream` from `from`.
+async fn consumer(stream: stream::Stream, from: u64) -> Result<jetstream::consumer::pull::Ordered, SetupError> {
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
-            // Pull requests that expire after a second, with idle heartbeats every half second:
-            // a follower whose server went away is recreated within seconds (the client's
-            // default of 30 s would keep the caches from serving that long after a restart).
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: from },
             max_expires: FOLLOWER_PULL_EXPIRY,
             ..Default::default()
         })
         .await
         .map_err(|e| classify("create the stream follower", &e, api_code(&e)))?;
-    let messages = consumer
+    consumer
         .messages()
         .await
-        .map_err(|e| SetupError::Unavailable(format!("start the stream follower: {e}")))?;
-    Ok(Follower { messages, start })
+        .map_err(|e| SetupError::Unavailable(format!("start the stream follower: {e}")))
 }
 
-/// The first sequence the stream still holds, as its leader says (so a follower can tell a
-/// hole left by rolled-up heartbeats from one left by retention).
-pub(crate) async fn first_sequence(stream: &stream::Stream, timeout: Duration) -> Result<u64, String> {
-    match tokio::time::timeout(timeout, stream.get_info()).await {
-        Ok(Ok(info)) => Ok(info.state.first_sequence),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
+impl Follower {
+    /// The next message the consumer delivers (pending while the consumer is being recreated).
+    pub async fn recv(&mut self) -> Option<Result<jetstream::Message, jetstream::consumer::pull::OrderedError>> {
+        loop {
+            if let Some(m) = self.messages.as_mut() {
+                return futures::StreamExt::next(m).await;
+            }
+            if let Some(at) = self.retry_at {
+                tokio::time::sleep_until(at).await;
+            }
+            match consumer(self.stream.clone(), self.next).await {
+                Ok(m) => {
+                    self.messages = Some(m);
+                    self.retry_at = None;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, from = self.next, "cannot recreate the stream follower yet");
+                    self.retry_at = Some(tokio::time::Instant::now() + FOLLOWER_RETRY);
+                }
+            }
+        }
+    }
+
+    /// Drops the consumer and reads again from `self.next` (after a short pause).
+    pub fn reread(&mut self) {
+        self.messages = None;
+        self.retry_at = Some(tokio::time::Instant::now() + FOLLOWER_RETRY);
+    }
+
+    /// Asks the stream's leader what lay in `from..to`, which the consumer skipped.
+    pub fn check_hole(
+        &self,
+        from: u64,
+        to: u64,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Hole> + Send + 'static {
+        check_hole(self.stream.clone(), self.batches.clone(), from, to, timeout)
+    }
+}
+
+async fn check_hole(stream: stream::Stream, batches: String, from: u64, to: u64, timeout: Duration) -> Hole {
+    {
+        let first = match tokio::time::timeout(timeout, stream.get_info()).await {
+            Ok(Ok(info)) => info.state.first_sequence,
+            Ok(Err(e)) => return Hole::Unknown(e.to_string()),
+            Err(_) => return Hole::Unknown(format!("no answer within {timeout:?}")),
+        };
+        if first > from {
+            return Hole::Clipped { first };
+        }
+        let next_batch = tokio::time::timeout(timeout, stream.get_first_raw_message_by_subject(&batches, from)).await;
+        match next_batch {
+            Ok(Ok(m)) if m.sequence < to => Hole::Skipped { batch: m.sequence },
+            Ok(Ok(_)) => Hole::Harmless,
+            Ok(Err(e)) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Hole::Harmless,
+            Ok(Err(e)) => Hole::Unknown(e.to_string()),
+            Err(_) => Hole::Unknown(format!("no answer within {timeout:?}")),
+        }
     }
 }

@@ -2,9 +2,12 @@
 //! that update it and invalidate, readers on every node that compare each read with it.
 //!
 //! # Model
-//! - The source of truth holds one version per key. A write bumps the version, then calls
-//!   [`invalbus::Cache::invalidate_version`] on the writing node; a loader returns the current
-//!   version, cached at that version.
+//! - The source of truth holds one version per key. A write bumps the version, then
+//!   invalidates on the writing node with one of the four kinds of invalidation, at random: the
+//!   key at its new version ([`invalbus::Cache::invalidate_version`]), the key's tag, a prefix of
+//!   its name, or everything. Keys fall in [`GROUPS`] groups: key `i` is named `g<i % GROUPS>:k<i>`
+//!   and tagged `g<i % GROUPS>`, so a tag or prefix purge covers the written key and its group.
+//!   A loader returns the current version, cached at that version with the key's tag.
 //! - A write is **accepted** when its ticket resolves `Ok` (with JetStream: the stream's
 //!   acknowledgement). Only then may the checker hold a reader to it: an invalidation still
 //!   queued at a cut-off writer is *writer delay*, reported on its own, not staleness.
@@ -15,15 +18,16 @@
 //!   tickets die at once), blocking its thread is a paused process.
 //!
 //! The checker also records, per node incarnation, every batch applied
-//! ([`invalbus::Bus::subscribe_applied`]) and when its cache was seen flushed, to check that
-//! each accepted invalidation reached every live node or was covered by a flush.
+//! ([`invalbus::Bus::subscribe_applied`]) and every repair flush with the instant the bus took it
+//! ([`invalbus::CacheEvent::Flushed`]), to check that each accepted invalidation reached every
+//! live node or was covered by a flush that came after it.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use invalbus::{Bus, BusBuilder, BusStats, Cache, CacheConfig, Loaded};
+use invalbus::{Bus, BusBuilder, BusStats, Cache, CacheConfig, CacheEvent, Loaded};
 use tokio::runtime::Runtime;
 
 /// The name of the one cache every node opens.
@@ -35,6 +39,32 @@ pub const HEARTBEAT: Duration = Duration::from_millis(100);
 pub const MAX_STALENESS: Duration = Duration::from_millis(400);
 /// NATS ping interval used by the fault suite.
 pub const PING: Duration = Duration::from_millis(200);
+
+/// Groups of keys sharing a tag and a name prefix (see the module docs).
+pub const GROUPS: usize = 4;
+
+/// How a write invalidates the key it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Version,
+    Tag,
+    Prefix,
+    All,
+}
+
+impl Kind {
+    /// Mostly versioned keys, as services do; tags and prefixes often enough to meet every
+    /// fault; `all` rarely, since each one empties every cache it reaches (which would hide
+    /// staleness from the checker more often than it tests anything).
+    fn pick() -> Kind {
+        match rand::random_range(0..200) {
+            0..160 => Kind::Version,
+            160..180 => Kind::Tag,
+            180..199 => Kind::Prefix,
+            _ => Kind::All,
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -155,7 +185,15 @@ impl Checker {
     }
 
     fn key(i: usize) -> String {
-        format!("k{i}")
+        format!("g{}:k{i}", i % GROUPS)
+    }
+
+    fn tag(i: usize) -> String {
+        format!("g{}", i % GROUPS)
+    }
+
+    fn prefix(i: usize) -> String {
+        format!("g{}:", i % GROUPS)
     }
 
     /// The bound given at creation.
@@ -310,6 +348,9 @@ pub struct NodeSpec {
     pub write_every: Duration,
     /// Switch the staleness gate off (to show what it prevents).
     pub gate_off: bool,
+    /// With JetStream, take the evidence from the node's own heartbeat through NATS instead of
+    /// from the stream (to show what the stream's evidence prevents).
+    pub echo_evidence: bool,
     /// NATS ping interval.
     pub ping: Duration,
 }
@@ -325,6 +366,7 @@ impl NodeSpec {
             writer: true,
             write_every: Duration::from_millis(25),
             gate_off: false,
+            echo_evidence: false,
             ping: PING,
         }
     }
@@ -342,6 +384,9 @@ impl NodeSpec {
         }
         if let Some(opts) = self.nats_options {
             b = b.nats_options(opts());
+        }
+        if self.echo_evidence {
+            b = b.evidence_from_own_echo_for_tests();
         }
         b
     }
@@ -405,15 +450,18 @@ impl Node {
                 }
             }
         });
-        let (rec, c, run) = (record.clone(), cache.clone(), running.clone());
+        // Repair flushes, timed by the bus itself (just before it flushed).
+        let mut events = bus.subscribe_events();
+        let rec = record.clone();
         rt.spawn(async move {
-            let mut last = c.stats().flushes;
-            while run.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                let now = c.stats().flushes;
-                if now > last {
-                    lock(&rec.flushes).push(Instant::now());
-                    last = now;
+            loop {
+                match events.recv().await {
+                    Ok(CacheEvent::Flushed { at, .. }) => lock(&rec.flushes).push(at),
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        rec.lagged.store(true, Ordering::SeqCst)
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
             }
         });
@@ -450,7 +498,7 @@ impl Node {
                 let got = cache
                     .get_or_load(&Checker::key(i), || async move {
                         let v = ch.current(i);
-                        Ok::<_, std::io::Error>(Loaded::new(v).version(v))
+                        Ok::<_, std::io::Error>(Loaded::new(v).version(v).tag(Checker::tag(i)))
                     })
                     .await;
                 if let Ok(v) = got {
@@ -481,7 +529,13 @@ impl Node {
                 let issued = Instant::now();
                 checker.issued.fetch_add(1, Ordering::SeqCst);
                 pending.fetch_add(1, Ordering::SeqCst);
-                let ticket = match cache.invalidate_version(&Checker::key(i), version).await {
+                let invalidated = match Kind::pick() {
+                    Kind::Version => cache.invalidate_version(&Checker::key(i), version).await,
+                    Kind::Tag => cache.invalidate_tag(&Checker::tag(i)).await,
+                    Kind::Prefix => cache.invalidate_prefix(&Checker::prefix(i)).await,
+                    Kind::All => cache.invalidate_all().await,
+                };
+                let ticket = match invalidated {
                     Ok(t) => t,
                     Err(e) => {
                         pending.fetch_sub(1, Ordering::SeqCst);
@@ -523,6 +577,12 @@ impl Node {
     /// NATS connection) stands still, as a paused process would.
     pub fn pause(&self, d: Duration) {
         self.handle().spawn(async move { std::thread::sleep(d) });
+    }
+
+    /// Stalls this node's receiver for `d` while its NATS client keeps reading, so that a small
+    /// subscription capacity overflows for sure (a slow consumer).
+    pub fn stall_receiver(&self, d: Duration) {
+        self.bus.stall_receiver_for_tests(d);
     }
 
     /// Kills the node at once: its runtime stops with every task (bus, NATS connection,

@@ -109,6 +109,19 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local address of a bound listener").port()
 }
 
+/// How a server joins its cluster.
+#[derive(Debug, Clone)]
+struct ClusterSpec {
+    name: String,
+    /// Its own cluster port.
+    port: u16,
+    /// Where it connects its routes (other members' cluster ports, or proxies in front of them).
+    routes: Vec<u16>,
+    /// The cluster address it announces to the others, when not its own (an address nothing
+    /// listens on keeps the members from routing around proxies).
+    advertise: Option<u16>,
+}
+
 /// How one server process is started; kept so that a restart uses the same ports and store.
 #[derive(Debug, Clone)]
 struct ServerSpec {
@@ -116,8 +129,7 @@ struct ServerSpec {
     port: u16,
     http_port: Option<u16>,
     jetstream: bool,
-    /// `(cluster port, every member's cluster port, cluster name)`.
-    cluster: Option<(u16, Vec<u16>, String)>,
+    cluster: Option<ClusterSpec>,
     /// The text of a configuration file (`-c`); the flags above win over what it says.
     config: Option<String>,
 }
@@ -142,20 +154,19 @@ impl ServerSpec {
         if self.jetstream {
             args.extend(["-js".to_owned(), "-sd".to_owned(), store.display().to_string()]);
         }
-        if let Some((own, members, cluster_name)) = &self.cluster {
-            let routes: Vec<String> = members
-                .iter()
-                .filter(|p| *p != own)
-                .map(|p| format!("nats://127.0.0.1:{p}"))
-                .collect();
+        if let Some(c) = &self.cluster {
+            let routes: Vec<String> = c.routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
             args.extend([
                 "--cluster".to_owned(),
-                format!("nats://127.0.0.1:{own}"),
+                format!("nats://127.0.0.1:{}", c.port),
                 "--cluster_name".to_owned(),
-                cluster_name.clone(),
+                c.name.clone(),
                 "--routes".to_owned(),
                 routes.join(","),
             ]);
+            if let Some(adv) = c.advertise {
+                args.extend(["--cluster_advertise".to_owned(), format!("127.0.0.1:{adv}")]);
+            }
         }
         args
     }
@@ -419,18 +430,82 @@ async fn nats_info(port: u16) -> bool {
 #[derive(Debug)]
 pub struct NatsCluster {
     servers: Vec<NatsServer>,
+    /// With routes through proxies: `(from, to, proxy)` for every ordered pair of members.
+    routes: Vec<(usize, usize, TcpProxy)>,
 }
 
 impl NatsCluster {
     /// Starts `n` servers (at least 1) with routes to each other and JetStream, and waits until
     /// every route is up and JetStream answers on every member.
     pub async fn start(n: usize) -> NatsCluster {
+        NatsCluster::plan(n).start().await
+    }
+
+    /// Picks the ports of a cluster of `n` servers without starting it, so that a test can
+    /// point a client at it first (a node that starts before its servers).
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() {
+    /// let plan = invalbus_tests::NatsCluster::plan(3);
+    /// let url = plan.url(0); // nothing listens there yet
+    /// let cluster = plan.start().await;
+    /// # drop((url, cluster));
+    /// # }
+    /// ```
+    pub fn plan(n: usize) -> PlannedCluster {
         assert!(n >= 1, "a cluster needs at least one server");
         let cluster_name = format!("invalbus-test-{:08x}", rand::random::<u32>());
         // Cluster, client and monitoring ports, all distinct.
         let ports = distinct_free_ports(3 * n);
         let (cluster_ports, rest) = ports.split_at(n);
         let (client_ports, http_ports) = rest.split_at(n);
+        let specs = (0..n)
+            .map(|i| ServerSpec {
+                name: format!("n{i}"),
+                port: client_ports[i],
+                http_port: Some(http_ports[i]),
+                jetstream: true,
+                cluster: Some(ClusterSpec {
+                    name: cluster_name.clone(),
+                    port: cluster_ports[i],
+                    routes: cluster_ports
+                        .iter()
+                        .copied()
+                        .filter(|p| *p != cluster_ports[i])
+                        .collect(),
+                    advertise: None,
+                }),
+                config: None,
+            })
+            .collect();
+        PlannedCluster { specs }
+    }
+
+    /// Starts `n` servers like [`NatsCluster::start`], but every route goes through a
+    /// [`TcpProxy`] the test controls ([`NatsCluster::cut_route`]), and each server announces a
+    /// cluster address nothing listens on, so that the members cannot route around the proxies.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() {
+    /// let cluster = invalbus_tests::NatsCluster::start_with_proxied_routes(3).await;
+    /// cluster.cut_route(0, 1, invalbus_tests::ProxyMode::BlackHole); // A and B no longer talk
+    /// cluster.cut_route(0, 1, invalbus_tests::ProxyMode::Pass);
+    /// # }
+    /// ```
+    pub async fn start_with_proxied_routes(n: usize) -> NatsCluster {
+        assert!(n >= 2, "a cluster with routes needs two servers");
+        let cluster_name = format!("invalbus-test-{:08x}", rand::random::<u32>());
+        let ports = distinct_free_ports(4 * n);
+        let (cluster_ports, rest) = ports.split_at(n);
+        let (client_ports, rest) = rest.split_at(n);
+        let (http_ports, dead_ports) = rest.split_at(n);
+        let mut routes = Vec::new();
+        for from in 0..n {
+            for to in (0..n).filter(|&to| to != from) {
+                let proxy = TcpProxy::start(SocketAddr::from(([127, 0, 0, 1], cluster_ports[to]))).await;
+                routes.push((from, to, proxy));
+            }
+        }
         let servers = (0..n)
             .map(|i| {
                 NatsServer::spawn(ServerSpec {
@@ -438,12 +513,21 @@ impl NatsCluster {
                     port: client_ports[i],
                     http_port: Some(http_ports[i]),
                     jetstream: true,
-                    cluster: Some((cluster_ports[i], cluster_ports.to_vec(), cluster_name.clone())),
+                    cluster: Some(ClusterSpec {
+                        name: cluster_name.clone(),
+                        port: cluster_ports[i],
+                        routes: routes
+                            .iter()
+                            .filter(|(from, _, _)| *from == i)
+                            .map(|(_, _, p)| p.port())
+                            .collect(),
+                        advertise: Some(dead_ports[i]),
+                    }),
                     config: None,
                 })
             })
             .collect();
-        let mut cluster = NatsCluster { servers };
+        let mut cluster = NatsCluster { servers, routes };
         for s in &mut cluster.servers {
             if let Err(e) = s.wait_ready(SERVER_START_DEADLINE).await {
                 panic!("cluster member did not start: {e}");
@@ -451,6 +535,19 @@ impl NatsCluster {
         }
         cluster.wait_ready().await;
         cluster
+    }
+
+    /// Sets the proxies of the route between members `a` and `b` (both directions) to `mode`.
+    /// Panics on a cluster started without proxied routes.
+    pub fn cut_route(&self, a: usize, b: usize, mode: ProxyMode) {
+        let mut found = 0;
+        for (from, to, proxy) in &self.routes {
+            if (*from, *to) == (a, b) || (*from, *to) == (b, a) {
+                proxy.set_mode(mode);
+                found += 1;
+            }
+        }
+        assert_eq!(found, 2, "no proxied route between members {a} and {b}");
     }
 
     /// Waits until every running member has routes to every other running member and
@@ -497,6 +594,35 @@ impl NatsCluster {
     /// Every member's URL, comma-separated (what a client given several servers takes).
     pub fn urls(&self) -> String {
         self.servers.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// A cluster whose ports are chosen but whose servers do not run yet ([`NatsCluster::plan`]).
+#[derive(Debug)]
+pub struct PlannedCluster {
+    specs: Vec<ServerSpec>,
+}
+
+impl PlannedCluster {
+    /// The client URL member `i` will listen on.
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.specs[i].port)
+    }
+
+    /// Starts every member and waits until routes are up and JetStream answers on each.
+    pub async fn start(self) -> NatsCluster {
+        let servers = self.specs.into_iter().map(NatsServer::spawn).collect();
+        let mut cluster = NatsCluster {
+            servers,
+            routes: Vec::new(),
+        };
+        for s in &mut cluster.servers {
+            if let Err(e) = s.wait_ready(SERVER_START_DEADLINE).await {
+                panic!("cluster member did not start: {e}");
+            }
+        }
+        cluster.wait_ready().await;
+        cluster
     }
 }
 
