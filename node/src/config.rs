@@ -21,9 +21,14 @@ pub struct ServeArgs {
     /// This node's id, unique in the namespace (default: random).
     #[arg(long, env = "INVALBUS_NODE_ID")]
     pub node_id: Option<String>,
-    /// gRPC listen address (admin API, sidecar cache, health, reflection).
+    /// gRPC listen address (admin API, sidecar cache, health, reflection): `host:port`, or
+    /// `unix:/path/to.sock` for a Unix domain socket.
     #[arg(long, env = "INVALBUS_LISTEN")]
     pub listen: Option<String>,
+    /// The read socket (`unix:/path`): the sidecar's reads in a minimal binary protocol, for
+    /// clients whose gRPC costs more than the read (off unless set).
+    #[arg(long, env = "INVALBUS_READ_LISTEN")]
+    pub read_listen: Option<String>,
     /// Address announced to peers in heartbeats (default: the listen address).
     #[arg(long, env = "INVALBUS_ADVERTISE")]
     pub advertise: Option<String>,
@@ -177,6 +182,7 @@ pub struct FileConfig {
     pub node_id: Option<String>,
     pub namespace: Option<String>,
     pub listen: Option<String>,
+    pub read_listen: Option<String>,
     pub advertise: Option<String>,
     pub metrics_listen: Option<String>,
     #[serde(default)]
@@ -200,6 +206,8 @@ pub struct NodeConfig {
     pub node_id: Option<String>,
     pub namespace: String,
     pub listen: String,
+    /// The read socket's path (`read_listen = "unix:/path"`).
+    pub read_listen: Option<std::path::PathBuf>,
     pub advertise: Option<String>,
     pub metrics_listen: Option<String>,
     pub insecure: bool,
@@ -289,6 +297,17 @@ impl NodeConfig {
                 .clone()
                 .or(file.listen)
                 .unwrap_or_else(|| "127.0.0.1:7700".into()),
+            read_listen: match args.read_listen.clone().or(file.read_listen) {
+                None => None,
+                Some(l) => match l.strip_prefix("unix:") {
+                    Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
+                    _ => {
+                        return Err(ConfigError(format!(
+                            "read_listen {l:?}: the read socket is a Unix socket, as in unix:/run/invalbus-read.sock"
+                        )))
+                    }
+                },
+            },
             advertise: args.advertise.clone().or(file.advertise),
             metrics_listen: args.metrics_listen.clone().or(file.metrics_listen),
             insecure: args.insecure || file.insecure,

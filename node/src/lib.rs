@@ -10,6 +10,10 @@
 //! - `state`: what the services share (bus, caches, tokens, audit, counters).
 //! - `admin`: the `invalbus.admin.v1.Admin` service.
 //! - `sidecar`: the `invalbus.cache.v1.Cache` service.
+//! - `watch`: the sidecar's `Watch` stream (the events of a cache, with keepalives), which keeps
+//!   a client's in-process cache coherent.
+//! - `readsock`: the sidecar's reads on a Unix socket in a minimal binary protocol (for clients
+//!   whose gRPC costs more than the read).
 //! - `prometheus`: the `/metrics` endpoint.
 //! - `server`: [`Node`]: start everything, and shut it down in order.
 //! - `cli`: the client subcommands (`purge`, `nodes`, `stats`, `audit`).
@@ -20,9 +24,11 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod prometheus;
+pub mod readsock;
 pub mod server;
 pub mod sidecar;
 pub mod state;
+pub mod watch;
 
 pub use config::{NodeConfig, Role, ServeArgs};
 pub use server::{Node, NodeError};

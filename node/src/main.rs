@@ -54,7 +54,7 @@ async fn serve(args: invalbus_node::ServeArgs) -> Result<(), Box<dyn std::error:
     eprintln!(
         "invalbus-node: node {} serving on {}",
         node.bus().node_id(),
-        node.addr()
+        node.listen_address()
     );
     wait_for_signal().await;
     node.shutdown().await;

@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use invalbus::{Bus, CacheConfig};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -104,9 +105,76 @@ fn incoming(
     listener: Arc<TcpListener>,
 ) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
     futures::stream::unfold(listener, |l| async move {
+        let conn = l.accept().await.map(|(s, _)| {
+            // Without it, Nagle's algorithm holds a small answer back until the client ACKs the
+            // previous frame (up to 40 ms with delayed ACKs) whenever a stream on the same
+            // connection (Watch) has just sent one.
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((conn, l))
+    })
+}
+
+/// [`incoming`] for a Unix domain socket.
+fn incoming_unix(
+    listener: Arc<UnixListener>,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::UnixStream>> + Send + 'static {
+    futures::stream::unfold(listener, |l| async move {
         let conn = l.accept().await.map(|(s, _)| s);
         Some((conn, l))
     })
+}
+
+/// The gRPC port: TCP (`host:port`) or a Unix domain socket (`unix:/path`).
+#[derive(Clone)]
+enum GrpcListener {
+    Tcp(Arc<TcpListener>),
+    Unix(Arc<UnixListener>, PathBuf),
+}
+
+impl GrpcListener {
+    async fn bind(listen: &str) -> Result<GrpcListener, NodeError> {
+        let err = |e| NodeError::Listen(listen.to_owned(), e);
+        let Some(path) = listen.strip_prefix("unix:") else {
+            return Ok(GrpcListener::Tcp(Arc::new(
+                TcpListener::bind(listen).await.map_err(err)?,
+            )));
+        };
+        let path = PathBuf::from(path);
+        if path.as_os_str().is_empty() {
+            return Err(NodeError::Config(
+                "listen = \"unix:\" needs a path, as in unix:/run/invalbus.sock".into(),
+            ));
+        }
+        // A socket file left by a node that died is removed; one that a live node answers on is
+        // not (binding then fails with "address in use").
+        if std::os::unix::net::UnixStream::connect(&path).is_err() {
+            use std::os::unix::fs::FileTypeExt;
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(GrpcListener::Unix(
+            Arc::new(UnixListener::bind(&path).map_err(err)?),
+            path,
+        ))
+    }
+
+    /// Serves `router` on this listener until `stop` turns true.
+    fn serve(
+        &self,
+        router: tonic::transport::server::Router,
+        mut stop: watch::Receiver<bool>,
+    ) -> JoinHandle<Result<(), tonic::transport::Error>> {
+        let until = async move { crate::audit::stopped(&mut stop).await };
+        match self {
+            GrpcListener::Tcp(l) => tokio::spawn(router.serve_with_incoming_shutdown(incoming(l.clone()), until)),
+            GrpcListener::Unix(l, _) => {
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming_unix(l.clone()), until))
+            }
+        }
+    }
 }
 
 /// A running node. Dropping it without [`Node::shutdown`] leaves its tasks running until the
@@ -114,10 +182,13 @@ fn incoming(
 pub struct Node {
     state: Arc<NodeState>,
     addr: SocketAddr,
+    /// The socket file, when it listens on a Unix domain socket (removed at shutdown).
+    socket: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
     stop_serving: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     metrics: Option<JoinHandle<()>>,
+    reads: Option<JoinHandle<()>>,
     health: tonic_health::server::HealthReporter,
 }
 
@@ -136,13 +207,21 @@ impl Node {
                 tracing::warn!("no tokens configured: every admin and sidecar call will be refused (configure [[tokens]] or pass --insecure for local development)");
             }
         }
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .map_err(|e| NodeError::Listen(config.listen.clone(), e))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| NodeError::Listen(config.listen.clone(), e))?;
-        let listener = Arc::new(listener);
+        let listener = GrpcListener::bind(&config.listen).await?;
+        let (addr, socket) = match &listener {
+            GrpcListener::Tcp(l) => (
+                l.local_addr()
+                    .map_err(|e| NodeError::Listen(config.listen.clone(), e))?,
+                None,
+            ),
+            GrpcListener::Unix(_, path) => (SocketAddr::from(([0, 0, 0, 0], 0)), Some(path.clone())),
+        };
+        let read_listener = match &config.read_listen {
+            Some(path) => Some(
+                crate::readsock::bind(path).map_err(|e| NodeError::Listen(format!("unix:{}", path.display()), e))?,
+            ),
+            None => None,
+        };
         let metrics_listener = match &config.metrics_listen {
             Some(a) => Some(
                 TcpListener::bind(a)
@@ -151,7 +230,10 @@ impl Node {
             ),
             None => None,
         };
-        let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+        let advertise = config.advertise.clone().unwrap_or_else(|| match &socket {
+            Some(path) => format!("unix:{}", path.display()),
+            None => addr.to_string(),
+        });
         let js_config = config.jetstream.enabled.then(|| config.jetstream_config());
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_not_serving::<AdminServer<AdminService>>().await;
@@ -162,15 +244,8 @@ impl Node {
         // Until the bus is up, the port answers health only (NOT_SERVING), so orchestrators and
         // `invalbus-node health` see a node that is starting, not a dead one.
         let (stop_pending, pending) = watch::channel(false);
-        let mut until = pending.clone();
         let mut starting_server = server_builder(&config)?;
-        let starting = tokio::spawn(
-            starting_server
-                .add_service(health_service.clone())
-                .serve_with_incoming_shutdown(incoming(listener.clone()), async move {
-                    crate::audit::stopped(&mut until).await
-                }),
-        );
+        let starting = listener.serve(starting_server.add_service(health_service.clone()), pending);
         let bus = join_bus(&config, &advertise, js_config.as_ref()).await;
         let _ = stop_pending.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), starting).await;
@@ -225,17 +300,25 @@ impl Node {
             .build_v1alpha()
             .map_err(|e| NodeError::Config(e.to_string()))?;
         let mut server = server_builder(&config)?;
+        let (stop_serving, serving) = watch::channel(false);
+        let sidecar = SidecarService::new(state.clone()).stop_on(serving.clone());
         let router = server
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(AdminServer::new(AdminService::new(state.clone())))
-            .add_service(CacheServer::new(SidecarService::new(state.clone())));
-        let (stop_serving, serving) = watch::channel(false);
-        let mut until = serving.clone();
-        let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming(listener), async move {
-            crate::audit::stopped(&mut until).await
-        }));
+            .add_service(CacheServer::new(sidecar.clone()));
+        let server = listener.serve(router, serving.clone());
+        let reads = match (read_listener, &config.read_listen) {
+            (Some(l), Some(path)) => Some(tokio::spawn(crate::readsock::serve(
+                l,
+                path.clone(),
+                state.clone(),
+                sidecar.clone(),
+                serving.clone(),
+            ))),
+            _ => None,
+        };
         let (metrics_addr, metrics) = match metrics_listener {
             Some(l) => (
                 l.local_addr().ok(),
@@ -243,21 +326,31 @@ impl Node {
             ),
             None => (None, None),
         };
-        tracing::info!(node = %state.bus.node_id(), ns = %config.namespace, %addr, tls = config.tls.is_some(), jetstream = js_config.is_some(), "node serving");
+        tracing::info!(node = %state.bus.node_id(), ns = %config.namespace, listen = %config.listen, tls = config.tls.is_some(), jetstream = js_config.is_some(), "node serving");
         Ok(Node {
             state,
             addr,
+            socket,
             metrics_addr,
             stop_serving,
             server,
             metrics,
+            reads,
             health,
         })
     }
 
-    /// The gRPC address it listens on.
+    /// The TCP address it serves gRPC on (`0.0.0.0:0` when it listens on a Unix socket).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where it serves gRPC: `host:port`, or `unix:/path` for a Unix domain socket.
+    pub fn listen_address(&self) -> String {
+        match &self.socket {
+            Some(path) => format!("unix:{}", path.display()),
+            None => self.addr.to_string(),
+        }
     }
 
     /// The Prometheus address, if it serves one.
@@ -287,9 +380,15 @@ impl Node {
         if let Some(m) = self.metrics {
             m.abort();
         }
+        if let Some(r) = self.reads {
+            let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+        }
         // The bus publishes what is queued and writes the receipts still pending.
         self.state.bus.shutdown().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.state.audit.client().drain()).await;
+        if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
         tracing::info!(node = %node, "stopped");
     }
 }

@@ -19,6 +19,10 @@ pub struct NodeCounters {
     pub purges: AtomicU64,
     /// Sidecar fills refused because an invalidation overtook them.
     pub sidecar_refused_fills: AtomicU64,
+    /// Watch streams opened (clients' in-process caches).
+    pub watch_streams: AtomicU64,
+    /// Watch streams ended because they fell behind the node's events.
+    pub watch_lagged: AtomicU64,
 }
 
 /// The shared state of a node's services.

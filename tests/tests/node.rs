@@ -420,6 +420,7 @@ async fn tokens_roles_and_bad_input_are_refused_before_the_bus() {
     let get = GetRequest {
         cache: "articles".into(),
         key: "k".into(),
+        ..Default::default()
     };
     let e = sidecar.get(authed(get.clone(), Some(OPS))).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
@@ -568,6 +569,7 @@ async fn tokens_roles_and_bad_input_are_refused_before_the_bus() {
             GetRequest {
                 cache: "nosuch".into(),
                 key: "k".into(),
+                ..Default::default()
             },
             Some(SIDECAR),
         ))
@@ -632,6 +634,7 @@ async fn sidecar_refuses_a_fill_overtaken_by_an_invalidation_from_another_node()
     let get = |key: &str| GetRequest {
         cache: "articles".into(),
         key: key.into(),
+        ..Default::default()
     };
     // Set and read back.
     let stored = ca
@@ -643,6 +646,7 @@ async fn sidecar_refuses_a_fill_overtaken_by_an_invalidation_from_another_node()
                 tags: vec!["t".into()],
                 version: Some(1),
                 ttl_ms: 0,
+                ..Default::default()
             },
             Some(SIDECAR),
         ))
@@ -680,6 +684,7 @@ async fn sidecar_refuses_a_fill_overtaken_by_an_invalidation_from_another_node()
                 value: b"old".to_vec(),
                 tags: vec![],
                 version: Some(1),
+                ttl_ms: 0,
             },
             Some(SIDECAR),
         ))
