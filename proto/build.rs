@@ -4,6 +4,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto");
-    prost_build::Config::new().compile_protos(&["proto/wire.proto"], &["proto"])?;
+    prost_build::Config::new()
+        // The signed body is sliced out of the received message, not copied.
+        .bytes([".invalbus.wire.v1.Signed.body"])
+        .compile_protos(&["proto/wire.proto"], &["proto"])?;
     Ok(())
 }

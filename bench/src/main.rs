@@ -132,14 +132,19 @@ async fn in_process_bus(hub: &InProcessHub, id: &str) -> Bus {
 }
 
 async fn nats_bus(url: &str, id: &str) -> Bus {
-    Bus::builder()
+    nats_bus_signed(url, id, true).await
+}
+
+/// A bus that signs its messages and checks its peers' (as every bus does), or, to measure
+/// what that costs, one that does neither (its namespace must hold only such buses).
+async fn nats_bus_signed(url: &str, id: &str, signed: bool) -> Bus {
+    let b = Bus::builder()
         .nats(url)
-        .namespace("bench")
+        .namespace(if signed { "bench" } else { "bench-unsigned" })
         .node_id(id)
-        .outbound_queue(1 << 22)
-        .build()
-        .await
-        .expect("bus on the bench's nats-server")
+        .outbound_queue(1 << 22);
+    let b = if signed { b } else { b.unsigned_for_benchmarks() };
+    b.build().await.expect("bus on the bench's nats-server")
 }
 
 async fn fill(cache: &Cache<Bytes>, keys: &[String], tags: impl Fn(usize) -> Vec<String>) {
@@ -271,13 +276,14 @@ async fn propagation_invalbus(
     rate: u64,
     secs: u64,
     tag: &str,
+    signed: bool,
 ) -> hdrhistogram::Histogram<u64> {
-    let origin = nats_bus(url, &format!("p-{tag}-origin")).await;
+    let origin = nats_bus_signed(url, &format!("p-{tag}-origin"), signed).await;
     let cache: Cache<Bytes> = origin.cache("prop", CacheConfig::new(1000)).unwrap();
     let mut applied = Vec::new();
     let mut buses = Vec::new();
     for p in 0..peers {
-        let b = nats_bus(url, &format!("p-{tag}-{p}")).await;
+        let b = nats_bus_signed(url, &format!("p-{tag}-{p}"), signed).await;
         let _c: Cache<Bytes> = b.cache("prop", CacheConfig::new(1000)).unwrap();
         applied.push(b.subscribe_applied());
         buses.push(b);
@@ -437,7 +443,23 @@ async fn propagation(url: &str, secs: u64, rows: &mut Vec<Row>) {
     let len = single_batch_len();
     for rate in [5_000u64, 50_000] {
         let raw = propagation_raw(url, 3, rate, secs, len).await;
-        let ours = propagation_invalbus(url, 3, rate, secs, &rate.to_string()).await;
+        let ours = propagation_invalbus(url, 3, rate, secs, &rate.to_string(), true).await;
+        if rate == 5_000 {
+            // The same without signatures, in the same run: what signing costs.
+            let unsigned = propagation_invalbus(url, 3, rate, secs, "5000u", false).await;
+            for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+                let (u, r) = (unsigned.value_at_quantile(q) as f64, raw.value_at_quantile(q) as f64);
+                rows.push(row(
+                    format!("propagation {name}, 3 peers, {rate}/s, UNSIGNED (signing's cost)"),
+                    u,
+                    r,
+                    "us",
+                    u / r,
+                    "-",
+                    None,
+                ));
+            }
+        }
         for (q, name) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")] {
             let (o, r) = (ours.value_at_quantile(q) as f64, raw.value_at_quantile(q) as f64);
             let (goal, met) = if name == "p99" {
@@ -461,12 +483,13 @@ async fn propagation(url: &str, secs: u64, rows: &mut Vec<Row>) {
 /// Invalidations per second applied at each of 3 peers, keys absent or present there.
 async fn throughput(url: &str, n: usize, rows: &mut Vec<Row>) {
     let ks = keys(n);
-    for present in [false, true] {
-        let origin = nats_bus(url, &format!("t-origin-{present}")).await;
+    // (keys present at the peers, signed): the unsigned run shows what signing costs.
+    for (present, signed) in [(false, true), (false, false), (true, true)] {
+        let origin = nats_bus_signed(url, &format!("t-origin-{present}-{signed}"), signed).await;
         let cache: Cache<Bytes> = origin.cache("tp", CacheConfig::new(2 * n as u64)).unwrap();
         let mut peers = Vec::new();
         for p in 0..3 {
-            let b = nats_bus(url, &format!("t-{present}-{p}")).await;
+            let b = nats_bus_signed(url, &format!("t-{present}-{signed}-{p}"), signed).await;
             let c: Cache<Bytes> = b.cache("tp", CacheConfig::new(2 * n as u64)).unwrap();
             if present {
                 fill(&c, &ks, |_| Vec::new()).await;
@@ -546,13 +569,16 @@ async fn throughput(url: &str, n: usize, rows: &mut Vec<Row>) {
             let bytes_per_msg = (n * 40 / batches as usize).max(16);
             let raw_rate = raw_throughput(url, batches as usize, bytes_per_msg).await * (n as f64 / batches as f64);
             rows.push(row(
-                format!("throughput: absent keys, keys/s at each of 3 peers ({batches} batches)"),
+                format!(
+                    "throughput: absent keys, keys/s at each of 3 peers ({batches} batches){}",
+                    if signed { "" } else { ", UNSIGNED (signing's cost)" }
+                ),
                 ours,
                 raw_rate,
                 "keys/s",
                 raw_rate / ours,
-                ">= 1M/s per peer",
-                Some(ours >= 1_000_000.0),
+                if signed { ">= 1M/s per peer" } else { "-" },
+                signed.then_some(ours >= 1_000_000.0),
             ));
         }
         origin.shutdown().await;
@@ -837,7 +863,7 @@ async fn durable(n: usize, rows: &mut Vec<Row>) {
 async fn fan_out(url: &str, sizes: &[usize], secs: u64, rows: &mut Vec<Row>) {
     let mut base = f64::NAN;
     for &peers in sizes {
-        let h = propagation_invalbus(url, peers, 5_000, secs, &format!("fan{peers}")).await;
+        let h = propagation_invalbus(url, peers, 5_000, secs, &format!("fan{peers}"), true).await;
         let p99 = h.value_at_quantile(0.99) as f64;
         if base.is_nan() {
             base = p99;

@@ -13,13 +13,14 @@ use tracing::Instrument;
 use crate::bus::{BuildError, Bus};
 use crate::config::{JetStreamConfig, Limits};
 use crate::gate::{Gate, Monotonic};
+use crate::identity::{Identity, Trust, TrustPolicy};
 use crate::metrics::BusMetrics;
 use crate::origins::Origins;
 use crate::peers::Peers;
 use crate::publisher::{heartbeats, publisher};
 use crate::receipts::{self, Recorder};
 use crate::receiver::{receiver, watchdog};
-use crate::state::{Beats, BusInner, Durable, Faults};
+use crate::state::{Beats, BusInner, Durable, Faults, VerifiedCache};
 use crate::stream::{self, Ownership, SetupError, StreamSpec};
 use crate::transport::{InProcessHub, Link, LinkEvent, Subjects};
 
@@ -62,6 +63,10 @@ pub struct BusBuilder {
     peer_expiry: Duration,
     max_peers: usize,
     echo_evidence: bool,
+    identity: Option<Identity>,
+    trust: TrustPolicy,
+    take_over: bool,
+    unsigned: bool,
 }
 
 impl Default for BusBuilder {
@@ -86,6 +91,10 @@ impl Default for BusBuilder {
             peer_expiry: Duration::from_secs(30),
             max_peers: 4096,
             echo_evidence: false,
+            identity: None,
+            trust: TrustPolicy::default(),
+            take_over: false,
+            unsigned: false,
         }
     }
 }
@@ -289,6 +298,57 @@ impl BusBuilder {
         self
     }
 
+    /// The key this bus signs its batches, heartbeats and receipts with (default: a new random
+    /// key per process; peers then know this node by it, see [`TrustPolicy`]). Give a key that
+    /// lasts ([`Identity::load_or_create`]) to a node that keeps its node id across restarts.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().identity(invalbus::Identity::generate());
+    /// ```
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Which signers this bus accepts messages from (default:
+    /// [`TrustPolicy::PinOnFirstUse`], for development). Every node of a namespace should have
+    /// the same policy.
+    ///
+    /// ```
+    /// let me = invalbus::Identity::generate();
+    /// let policy = invalbus::TrustPolicy::Keys(vec![invalbus::TrustedKey {
+    ///     key: me.public_key().to_owned(),
+    ///     scopes: invalbus::Scopes::ALL,
+    ///     origins: vec!["web-1".into()],
+    /// }]);
+    /// let b = invalbus::Bus::builder().identity(me).trust(policy);
+    /// ```
+    pub fn trust(mut self, policy: TrustPolicy) -> Self {
+        self.trust = policy;
+        self
+    }
+
+    /// Starts even if another live process uses this node id (by default the bus refuses to
+    /// start, with [`BuildError::Config`], when it hears one while starting). Both report the
+    /// duplicate loudly for as long as it lasts.
+    ///
+    /// ```
+    /// let b = invalbus::Bus::builder().take_over(true);
+    /// ```
+    pub fn take_over(mut self, on: bool) -> Self {
+        self.take_over = on;
+        self
+    }
+
+    /// Signs nothing and checks no signature: every bus of the namespace must be built so, and
+    /// anyone who can publish on it can then invalidate, replay and forge. Only for the
+    /// benchmark that measures what signing costs.
+    #[doc(hidden)]
+    pub fn unsigned_for_benchmarks(mut self) -> Self {
+        self.unsigned = true;
+        self
+    }
+
     /// With JetStream, takes the evidence from this node's own heartbeat coming back through
     /// NATS (as without a stream) and does not follow the stream: the gate as it was before the
     /// stream gave evidence. Only for tests that show what the stream's evidence prevents.
@@ -454,6 +514,12 @@ impl BusBuilder {
             heartbeat_interval: self.heartbeat_interval,
             max_staleness: self.max_staleness,
             faults: Faults::default(),
+            identity: self.identity.clone().unwrap_or_else(Identity::generate),
+            // An origin keeps its key while heard within two heartbeat intervals.
+            trust: Trust::new(self.trust.clone(), self.heartbeat_interval * 2),
+            verified: Mutex::new(VerifiedCache::default()),
+            duplicate_seen_ns: AtomicU64::new(0),
+            unsigned: self.unsigned,
         });
         let mut tasks = Vec::new();
         let span = tracing::info_span!("bus", node = %inner.node_id, ns = %inner.namespace);
@@ -465,6 +531,7 @@ impl BusBuilder {
                 client,
                 js: inner.durable.as_ref().map(|d| d.js.clone()),
                 metrics: inner.metrics.clone(),
+                identity: inner.identity.clone(),
             };
             tasks.push(tokio::spawn(
                 recorder
@@ -488,9 +555,25 @@ impl BusBuilder {
         };
         // The first evidence: this node's heartbeat came back (through the stream, behind
         // everything it stored before; without one, through NATS, which proves the
-        // subscription is in place).
+        // subscription is in place). And two heartbeat intervals, to hear another live process
+        // using this node id, if there is one (a live node heartbeats within that time); it also
+        // lets the peers' pin of this name to a previous process's key lapse.
+        // (In one process, on an in-process hub, there is no one else to hear.)
+        let watch_until = match &bus.inner.link {
+            Link::InProcess(_) => tokio::time::Instant::now(),
+            Link::Nats(_) => tokio::time::Instant::now() + self.heartbeat_interval * 2,
+        };
         loop {
-            if bus.inner.gate.serving() {
+            let duplicate = bus.inner.duplicate_seen_ns.load(std::sync::atomic::Ordering::Acquire) != 0;
+            if duplicate && !self.take_over {
+                bus.shutdown().await;
+                return Err(BuildError::Config(format!(
+                    "node id {:?} is in use by another live process in namespace {:?}; give this one \
+                     another node id, or stop the other (or start with take_over)",
+                    bus.inner.node_id, bus.inner.namespace
+                )));
+            }
+            if bus.inner.gate.serving() && tokio::time::Instant::now() >= watch_until {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {

@@ -11,7 +11,8 @@ use tokio::task::JoinHandle;
 
 use crate::apply::{apply_to, Applied, Applier, CacheEvent, PendingDrops};
 use crate::cache::{ApplyOutcome, FillOutcome, Lease, LoadError, Loaded, LocalCache};
-use crate::codec::{self, Invalidation, Target};
+use crate::codec::{self, Batch, DecodeError, Invalidation, Target};
+use crate::identity::{Kind, Refusal};
 use crate::config::{CacheConfig, Limits};
 use crate::metrics::{BusStats, CacheStats};
 use crate::peers::Peer;
@@ -109,6 +110,19 @@ impl Ticket {
     pub async fn published(self) -> Result<Published, PublishError> {
         self.rx.await.unwrap_or(Err(PublishError::Closed))
     }
+}
+
+/// A message read back (from a stream, for the audit log), with who signed it and whether this
+/// bus trusts it.
+#[derive(Debug, Clone)]
+pub struct Opened<T> {
+    /// The message.
+    pub message: T,
+    /// Its signer's public key.
+    pub signer: String,
+    /// `Ok` when the signature verifies and the trust policy lets the signer publish it as its
+    /// origin (for a receipt: write receipts as its node); otherwise why not.
+    pub trusted: Result<(), Refusal>,
 }
 
 /// A node's handle on the bus: its caches, its invalidations, and what it knows of its peers.
@@ -242,6 +256,71 @@ impl Bus {
                 Err(InvalidateError::QueueFull(self.inner.outbound_capacity))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(InvalidateError::Closed),
+        }
+    }
+
+    /// This bus's public key (what a [`crate::TrustPolicy`] lists).
+    pub fn public_key(&self) -> &str {
+        self.inner.identity.public_key()
+    }
+
+    /// Opens a signed batch as stored in the batch stream: the batch, its signer, and whether
+    /// this bus trusts it (checked against the policy and the keys this bus has pinned origins
+    /// to; nothing is pinned by reading).
+    pub fn open_batch(&self, payload: &bytes::Bytes) -> Result<Opened<Batch>, DecodeError> {
+        let env = codec::open(payload, &self.inner.limits)?;
+        let batch = codec::decode_batch(&env.body, &self.inner.namespace, &self.inner.limits)?;
+        let trusted = self.checked(Kind::Batch, &env, &batch.origin).map(|_| ());
+        Ok(Opened {
+            message: batch,
+            signer: env.signer,
+            trusted,
+        })
+    }
+
+    /// Opens a signed receipt: the receipt, its signer, and whether this bus trusts the signer
+    /// to write receipts as the receipt's node.
+    pub fn open_receipt(&self, payload: &bytes::Bytes) -> Result<Opened<Receipt>, DecodeError> {
+        let env = codec::open(payload, &self.inner.limits)?;
+        let receipt = Receipt::decode(&env.body)?;
+        let trusted = self.checked(Kind::Receipt, &env, &receipt.node).and_then(|v| {
+            if v.scopes.receipts {
+                Ok(())
+            } else {
+                Err(Refusal::NotAllowed {
+                    key: env.signer.chars().take(12).collect(),
+                    what: "write receipts",
+                })
+            }
+        });
+        Ok(Opened {
+            message: receipt,
+            signer: env.signer,
+            trusted,
+        })
+    }
+
+    fn checked(&self, kind: Kind, env: &codec::Envelope, origin: &str) -> Result<crate::identity::Verified, Refusal> {
+        let inner = &self.inner;
+        let verified = inner.trust.check(kind, &env.body, &env.signer, &env.signature, origin)?;
+        let owner = if origin == inner.node_id {
+            Some(inner.identity.public_key().to_owned())
+        } else {
+            inner.trust.pinned(origin)
+        };
+        match owner {
+            Some(k) if k != env.signer => Err(Refusal::WrongOrigin {
+                key: env.signer.chars().take(12).collect(),
+                origin: origin.to_owned(),
+            }),
+            Some(_) => Ok(verified),
+            None if verified.bound => Ok(verified),
+            // Nothing says this key is that node's: not heard from lately, and the policy
+            // does not bind keys to names.
+            None => Err(Refusal::Untrusted(format!(
+                "{} (no live node {origin:?} known with that key)",
+                env.signer.chars().take(12).collect::<String>()
+            ))),
         }
     }
 

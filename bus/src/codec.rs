@@ -8,6 +8,7 @@ use invalbus_proto::wire;
 use prost::Message;
 
 use crate::config::Limits;
+use crate::identity::{Identity, Kind};
 
 /// What an invalidation removes from a cache.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -182,6 +183,77 @@ pub fn check_invalidation(inv: &Invalidation, limits: &Limits) -> Result<(), Str
     Ok(())
 }
 
+/// A signed envelope, opened but not yet verified: the body and who says they signed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The encoded message, exactly as signed.
+    pub body: Bytes,
+    /// The signer's public nkey.
+    pub signer: String,
+    /// The signature.
+    pub signature: Vec<u8>,
+}
+
+/// Wraps `body` (an encoded message of `kind`) in an envelope signed by `identity`.
+pub fn seal(identity: &Identity, kind: Kind, body: Bytes) -> Bytes {
+    let signature = identity.sign(kind, &body).to_vec();
+    let msg = wire::Signed {
+        body,
+        signer: identity.public_key().to_owned(),
+        signature,
+    };
+    Bytes::from(msg.encode_to_vec())
+}
+
+/// Wraps `body` in an envelope without a signature (benchmarks of the signing cost only: see
+/// `BusBuilder::unsigned_for_benchmarks`).
+pub fn seal_unsigned(body: Bytes) -> Bytes {
+    let msg = wire::Signed {
+        body,
+        signer: String::new(),
+        signature: Vec::new(),
+    };
+    Bytes::from(msg.encode_to_vec())
+}
+
+/// Opens an envelope without requiring a signature (benchmarks only).
+pub(crate) fn open_unsigned(payload: &Bytes, limits: &Limits) -> Result<Envelope, DecodeError> {
+    if payload.len() > limits.max_message_bytes {
+        return Err(DecodeError::Oversized {
+            size: payload.len(),
+            limit: limits.max_message_bytes,
+        });
+    }
+    let msg = wire::Signed::decode(payload.clone()).map_err(|e| DecodeError::Malformed(format!("envelope: {e}")))?;
+    Ok(Envelope {
+        body: msg.body,
+        signer: msg.signer,
+        signature: msg.signature,
+    })
+}
+
+/// Opens an envelope received from the network (checking its size and shape, not yet its
+/// signature: see `identity`).
+pub fn open(payload: &Bytes, limits: &Limits) -> Result<Envelope, DecodeError> {
+    if payload.len() > limits.max_message_bytes {
+        return Err(DecodeError::Oversized {
+            size: payload.len(),
+            limit: limits.max_message_bytes,
+        });
+    }
+    let msg = wire::Signed::decode(payload.clone()).map_err(|e| DecodeError::Malformed(format!("envelope: {e}")))?;
+    if msg.signer.is_empty() || msg.signer.len() > 64 || msg.signature.len() != 64 {
+        return Err(DecodeError::Invalid(
+            "unsigned message (an envelope needs a signer and a 64-byte signature)".into(),
+        ));
+    }
+    Ok(Envelope {
+        body: msg.body,
+        signer: msg.signer,
+        signature: msg.signature,
+    })
+}
+
 /// Encodes a batch for the wire.
 pub fn encode_batch(batch: &Batch) -> Bytes {
     let msg = wire::InvalidationBatch {
@@ -278,6 +350,13 @@ pub fn decode_batch(payload: &[u8], namespace: &str, limits: &Limits) -> Result<
     })
 }
 
+/// Longest admin address a heartbeat may announce.
+pub const MAX_ADDRESS_BYTES: usize = 256;
+/// Most caches a heartbeat announces (a node with more announces the first ones by name).
+pub const MAX_ANNOUNCED_CACHES: usize = 32;
+/// Longest cache name a heartbeat announces (longer ones are left out of announcements).
+pub const MAX_ANNOUNCED_NAME_BYTES: usize = 128;
+
 /// Encodes a heartbeat.
 pub fn encode_heartbeat(hb: &Heartbeat) -> Bytes {
     let msg = wire::Heartbeat {
@@ -315,6 +394,18 @@ pub fn decode_heartbeat(payload: &[u8], namespace: &str, limits: &Limits) -> Res
     }
     if msg.origin.is_empty() || msg.origin.len() > limits.max_key_bytes || msg.epoch == 0 {
         return Err(DecodeError::Invalid("heartbeat needs an origin and an epoch".into()));
+    }
+    // The peer table keeps these: small limits, so that heartbeats cannot fill memory.
+    if msg.address.len() > MAX_ADDRESS_BYTES {
+        return Err(DecodeError::Invalid(format!(
+            "address of {} bytes exceeds {MAX_ADDRESS_BYTES}",
+            msg.address.len()
+        )));
+    }
+    if msg.caches.len() > MAX_ANNOUNCED_CACHES || msg.caches.iter().any(|c| c.name.len() > MAX_ANNOUNCED_NAME_BYTES) {
+        return Err(DecodeError::Invalid(format!(
+            "a heartbeat announces at most {MAX_ANNOUNCED_CACHES} caches of names up to {MAX_ANNOUNCED_NAME_BYTES} bytes"
+        )));
     }
     Ok(Heartbeat {
         origin: msg.origin,

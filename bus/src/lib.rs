@@ -46,6 +46,8 @@
 //!   an application leaves behind ([`Applied`], [`PendingDrops`], [`CacheEvent`]).
 //! - `transport`: the link to peers: a NATS connection, or an [`InProcessHub`] with the same
 //!   semantics for single-process use and tests.
+//! - `identity`: signing keys ([`Identity`]), the signed envelope, and the trust policy
+//!   receivers check before anything else ([`TrustPolicy`]).
 //! - `gate`: whether the caches may serve, from the freshest evidence, on a monotonic clock.
 //! - `origins`: per-origin sequence tracking on both paths (what was applied, what is lost).
 //! - `peers`: the peer table, bounded in size and age ([`Peer`]).
@@ -137,6 +139,7 @@ mod codec;
 mod config;
 mod floors;
 mod gate;
+mod identity;
 mod metrics;
 mod origins;
 mod peers;
@@ -147,12 +150,17 @@ mod state;
 mod stream;
 mod transport;
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use apply::{Applied, CacheEvent, PendingDrops};
 pub use builder::BusBuilder;
-pub use bus::{BuildError, Bus, Cache, CacheError, InvalidateError, Reservation, Ticket};
+pub use identity::{Identity, KeyError, Kind, Refusal, Scopes, TrustPolicy, TrustedKey};
+pub use bus::{BuildError, Bus, Cache, CacheError, InvalidateError, Opened, Reservation, Ticket};
 pub use cache::{ApplyOutcome, FillOutcome, LoadError, Loaded};
 pub use codec::{
-    decode_batch, decode_heartbeat, encode_batch, encode_heartbeat, Batch, DecodeError, Heartbeat, Invalidation, Target,
+    open, seal, Envelope, MAX_ADDRESS_BYTES, MAX_ANNOUNCED_CACHES, MAX_ANNOUNCED_NAME_BYTES, decode_batch, decode_heartbeat, encode_batch, encode_heartbeat, Batch, DecodeError, Heartbeat, Invalidation, Target,
 };
 pub use config::{CacheConfig, JetStreamConfig, Limits, DEFAULT_MAX_AGE};
 pub use metrics::{BusStats, CacheStats, LatencySnapshot};

@@ -214,6 +214,9 @@ pub(crate) struct BusMetrics {
     pub duplicate_node_ids: Counter,
     pub peers_refused: Counter,
     pub follower_rereads: Counter,
+    pub refused_unsigned: Counter,
+    pub refused_untrusted: Counter,
+    pub refused_unauthorized: Counter,
     pub propagation: Latency,
 }
 
@@ -270,6 +273,14 @@ pub struct BusStats {
     /// Times the stream follower read again from a hole (its consumer skipped a stored batch,
     /// or the leader could not say what the hole held).
     pub follower_rereads: u64,
+    /// Messages refused for a missing or bad signature.
+    pub refused_unsigned: u64,
+    /// Messages refused because the trust policy does not let their signer publish as their
+    /// origin (an untrusted key, or an origin another key owns).
+    pub refused_untrusted: u64,
+    /// Batches refused because their signer may not make some of their invalidations (a key
+    /// allowed keys only, purging by tag).
+    pub refused_unauthorized: u64,
     /// Peers in the peer table.
     pub peers: u64,
     /// Origins whose sequences are tracked.
@@ -314,6 +325,9 @@ impl BusMetrics {
             duplicate_node_ids: self.duplicate_node_ids.get(),
             peers_refused: self.peers_refused.get(),
             follower_rereads: self.follower_rereads.get(),
+            refused_unsigned: self.refused_unsigned.get(),
+            refused_untrusted: self.refused_untrusted.get(),
+            refused_unauthorized: self.refused_unauthorized.get(),
             peers: 0,
             origins_tracked: 0,
             receipts_published: self.receipts_published.get(),

@@ -66,7 +66,7 @@ impl EpochSeqs {
         while let Some(&first) = self.ahead.first() {
             if first <= self.upto {
                 self.ahead.pop_first();
-            } else if first == self.upto + 1 {
+            } else if Some(first) == self.upto.checked_add(1) {
                 self.upto = first;
                 self.ahead.pop_first();
             } else {
@@ -80,9 +80,12 @@ impl EpochSeqs {
         if to < from || to <= self.upto {
             return 0;
         }
-        let from = from.max(self.upto + 1);
+        let from = from.max(self.upto.saturating_add(1));
+        if from > to {
+            return 0;
+        }
         let held = self.ahead.range(from..=to).count() as u64;
-        (to - from + 1).saturating_sub(held)
+        (to - from).saturating_add(1).saturating_sub(held)
     }
 }
 
@@ -96,6 +99,10 @@ pub(crate) struct Verdict {
     pub lost: u64,
 }
 
+/// Most origins tracked; a new one beyond it makes room by forgetting another (whose next
+/// batch is then a first contact: a flush without a stream, a new start with one).
+const MAX_ORIGINS: usize = 16_384;
+
 /// Per-origin sequence tracking of one node.
 #[derive(Debug, Default)]
 pub(crate) struct Origins {
@@ -104,6 +111,11 @@ pub(crate) struct Origins {
 
 impl Origins {
     fn epoch_mut(&mut self, origin: &str, epoch: u64) -> (&mut EpochSeqs, bool) {
+        if !self.map.contains_key(origin) && self.map.len() >= MAX_ORIGINS {
+            if let Some(other) = self.map.keys().next().cloned() {
+                self.map.remove(&other);
+            }
+        }
         let epochs = self.map.entry(origin.to_owned()).or_default();
         let known = epochs.iter().position(|e| e.epoch == epoch);
         let idx = match known {
@@ -141,7 +153,7 @@ impl Origins {
         let lost = if new {
             seq.saturating_sub(1)
         } else {
-            e.missing(e.upto + 1, seq.saturating_sub(1))
+            e.missing(e.upto.saturating_add(1), seq.saturating_sub(1))
         };
         let apply = !e.applied(seq);
         e.raise(seq.saturating_sub(1));
@@ -162,8 +174,8 @@ impl Origins {
             e.raise(seq.saturating_sub(1));
             0
         } else {
-            let lost = e.missing(e.streamed + 1, seq - 1);
-            e.raise(seq - 1);
+            let lost = e.missing(e.streamed.saturating_add(1), seq.saturating_sub(1));
+            e.raise(seq.saturating_sub(1));
             lost
         };
         e.streamed = seq;
@@ -186,7 +198,7 @@ impl Origins {
         let lost = if new && !stream {
             last_seq
         } else {
-            e.missing(e.upto + 1, last_seq)
+            e.missing(e.upto.saturating_add(1), last_seq)
         };
         e.raise(last_seq);
         if stream {
@@ -294,6 +306,16 @@ mod tests {
         assert!(o.knows("a", 10));
         o.forget("a");
         assert_eq!(o.len(), 0);
+    }
+
+    #[test]
+    fn sequences_at_the_end_of_the_range_do_not_overflow() {
+        let mut o = Origins::default();
+        assert_eq!(o.only("a", 1, u64::MAX), v(true, u64::MAX - 1));
+        assert_eq!(o.only("a", 1, u64::MAX), v(false, 0));
+        assert_eq!(o.streamed("b", 1, u64::MAX), v(true, 0));
+        assert_eq!(o.announced("b", 1, u64::MAX, true), 0);
+        assert_eq!(o.live("c", 1, u64::MAX), v(true, 0));
     }
 
     #[test]

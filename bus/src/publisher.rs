@@ -8,7 +8,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use tokio::sync::{mpsc, watch};
 
-use crate::codec::{self, Batch, Heartbeat};
+use crate::codec::{self, Batch, Heartbeat, MAX_ANNOUNCED_CACHES, MAX_ANNOUNCED_NAME_BYTES};
+use crate::identity::Kind;
 use crate::state::{now_us, BusInner, Durable, Outgoing, Published};
 use crate::transport::{Link, PublishError};
 
@@ -76,7 +77,7 @@ async fn publish_batch(inner: &BusInner, subject: &str, items: Vec<Outgoing>) {
         namespace: inner.namespace.clone(),
         invalidations,
     };
-    let payload = codec::encode_batch(&batch);
+    let payload = inner.seal(Kind::Batch, codec::encode_batch(&batch));
     let result = match &inner.durable {
         None => inner.link.publish(subject.to_owned(), payload).await,
         Some(d) => publish_acked(inner, d, subject, payload, seq).await,
@@ -146,13 +147,17 @@ fn heartbeat(inner: &BusInner, beat: u64) -> Heartbeat {
         timestamp_us: now_us(),
         address: inner.address.clone(),
         namespace: inner.namespace.clone(),
-        caches: inner
-            .caches
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(n, c)| (n.clone(), c.entry_count()))
-            .collect(),
+        caches: {
+            let caches = inner.caches.read().unwrap_or_else(|e| e.into_inner());
+            let mut v: Vec<(String, u64)> = caches
+                .iter()
+                .filter(|(n, _)| n.len() <= MAX_ANNOUNCED_NAME_BYTES)
+                .map(|(n, c)| (n.clone(), c.entry_count()))
+                .collect();
+            v.sort();
+            v.truncate(MAX_ANNOUNCED_CACHES);
+            v
+        },
         writes_receipts: inner.receipts.is_some(),
         beat,
     }
@@ -175,7 +180,7 @@ pub(crate) async fn heartbeats(inner: Arc<BusInner>, mut shutdown: watch::Receiv
             _ = shutdown.wait_for(|s| *s) => return,
         }
         beat += 1;
-        let payload = codec::encode_heartbeat(&heartbeat(&inner, beat));
+        let payload = inner.seal(Kind::Heartbeat, codec::encode_heartbeat(&heartbeat(&inner, beat)));
         // Taken before the publish: the evidence may not be later than the moment the
         // heartbeat could first have been stored.
         inner.beats().sent(beat, inner.gate.now());

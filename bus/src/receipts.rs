@@ -23,6 +23,8 @@ use prost::Message;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::apply::Applied;
+use crate::codec;
+use crate::identity::{Identity, Kind};
 use crate::codec::DecodeError;
 use crate::metrics::BusMetrics;
 
@@ -157,6 +159,8 @@ pub(crate) struct Recorder {
     /// With JetStream: receipts are acknowledged by the receipts stream.
     pub js: Option<jetstream::Context>,
     pub metrics: Arc<BusMetrics>,
+    /// Signs every receipt: whoever reads the audit log can tell who wrote it.
+    pub identity: Identity,
 }
 
 impl Recorder {
@@ -259,7 +263,7 @@ impl Recorder {
     /// Sends one receipt; with JetStream, returns the future of its acknowledgement.
     async fn publish(&self, r: Receipt) -> Option<AckFuture> {
         let subject = receipt_subject(&self.namespace, &r.origin, r.epoch, r.seq, &r.node);
-        let payload = r.encode();
+        let payload = codec::seal(&self.identity, Kind::Receipt, r.encode());
         let Some(js) = &self.js else {
             let ok = self.client.publish(subject, payload).await.is_ok();
             self.count(ok);

@@ -45,6 +45,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -52,6 +53,7 @@ use tracing::Instrument;
 
 use crate::apply::{apply_to, Applied, CacheEvent, PendingDrops};
 use crate::codec::{self, Batch, DecodeError, Heartbeat};
+use crate::identity::{self, Kind, Refusal};
 use crate::state::{now_us, BusInner};
 use crate::stream::{Follower, Hole};
 use crate::transport::{LinkEvent, Received};
@@ -92,7 +94,7 @@ pub(crate) async fn receiver(
         }
         tokio::select! {
             m = live.next() => match m {
-                Some(Ok(msg)) => on_live(&inner, &msg.subject, &msg.payload, &mut echo).await,
+                Some(Ok(msg)) => on_live(&inner, &msg.subject, msg.payload, &mut echo).await,
                 Some(Err(ev)) => on_link_event(&inner, ev, &mut events, &mut deferred, &mut disconnected),
                 None => return,
             },
@@ -186,6 +188,9 @@ fn on_link_event(
     }
 }
 
+/// How often a refusal is logged per origin (the counters count every one).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 fn count_refusal(inner: &BusInner, origin: &str, e: &DecodeError) {
     let m = &inner.metrics;
     match e {
@@ -194,56 +199,159 @@ fn count_refusal(inner: &BusInner, origin: &str, e: &DecodeError) {
         DecodeError::Invalid(_) => m.invalid.inc(),
         DecodeError::Foreign(_) => m.foreign.inc(),
     }
-    tracing::warn!(node = %inner.node_id, origin, kind = e.kind(), error = %e, "message dropped");
+    if inner.trust.should_log(origin, inner.gate.now(), REFUSAL_LOG_INTERVAL) {
+        tracing::warn!(node = %inner.node_id, origin, kind = e.kind(), error = %e, "message dropped");
+    }
 }
 
-/// A decoded message of the namespace.
+fn count_untrusted(inner: &BusInner, origin: &str, what: &str, r: &Refusal) {
+    let m = &inner.metrics;
+    match r {
+        Refusal::BadSignature(_) => m.refused_unsigned.inc(),
+        Refusal::Untrusted(_) | Refusal::WrongOrigin { .. } => m.refused_untrusted.inc(),
+        Refusal::NotAllowed { .. } => m.refused_unauthorized.inc(),
+    }
+    if inner.trust.should_log(origin, inner.gate.now(), REFUSAL_LOG_INTERVAL) {
+        tracing::warn!(node = %inner.node_id, origin, what, refusal = %r, "message refused: not signed by a key the namespace trusts for it (logged once per origin every 10 s; see refused_* in the stats)");
+    }
+}
+
+/// A decoded message of the namespace, its signature checked.
 enum Message {
     Batch(Batch),
     Heartbeat(Heartbeat),
 }
 
-/// Decodes a message and checks that it was published on its origin's subject.
-fn decode(inner: &BusInner, subject: &str, payload: &[u8]) -> Option<Message> {
+/// Opens a message's envelope, decodes it, checks that it was published on its origin's
+/// subject, and checks its signature and the trust policy, before anything else looks at it.
+fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
     let Some((kind, origin)) = inner.subjects.parse(subject) else {
         inner.metrics.invalid.inc();
         tracing::warn!(node = %inner.node_id, subject, "message on an unknown subject dropped");
         return None;
     };
-    let decoded = match kind {
-        "inv" => codec::decode_batch(payload, &inner.namespace, &inner.limits).and_then(|b| {
-            if b.origin == origin {
-                Ok(Message::Batch(b))
-            } else {
-                Err(DecodeError::Invalid(format!(
-                    "batch of {:?} on the subject of {origin:?}",
-                    b.origin
-                )))
-            }
-        }),
-        "hb" => codec::decode_heartbeat(payload, &inner.namespace, &inner.limits).and_then(|h| {
-            if h.origin == origin {
-                Ok(Message::Heartbeat(h))
-            } else {
-                Err(DecodeError::Invalid(format!(
-                    "heartbeat of {:?} on the subject of {origin:?}",
-                    h.origin
-                )))
-            }
-        }),
-        _ => {
-            inner.metrics.invalid.inc();
+    if kind != "inv" && kind != "hb" {
+        inner.metrics.invalid.inc();
+        if inner.trust.should_log(subject, inner.gate.now(), REFUSAL_LOG_INTERVAL) {
             tracing::warn!(node = %inner.node_id, subject, "message on an unknown subject dropped");
+        }
+        return None;
+    }
+    let opened = if inner.unsigned {
+        codec::open_unsigned(payload, &inner.limits)
+    } else {
+        codec::open(payload, &inner.limits)
+    };
+    let env = match opened {
+        Ok(env) => env,
+        Err(DecodeError::Invalid(why)) => {
+            count_untrusted(inner, origin, kind, &Refusal::BadSignature(why));
+            return None;
+        }
+        Err(e) => {
+            count_refusal(inner, origin, &e);
             return None;
         }
     };
-    match decoded {
-        Ok(m) => Some(m),
+    let now = inner.gate.now();
+    if kind == "inv" {
+        let b = match codec::decode_batch(&env.body, &inner.namespace, &inner.limits) {
+            Ok(b) if b.origin == origin => b,
+            Ok(b) => {
+                let e = DecodeError::Invalid(format!("batch of {:?} on the subject of {origin:?}", b.origin));
+                count_refusal(inner, origin, &e);
+                return None;
+            }
+            Err(e) => {
+                count_refusal(inner, origin, &e);
+                return None;
+            }
+        };
+        let id = (b.origin.clone(), b.epoch, b.seq);
+        if inner.unsigned || inner.verified().seen(&id, &env.signature, &env.body) {
+            return Some(Message::Batch(b));
+        }
+        let verdict = if own(inner, &b.origin, b.epoch) {
+            own_signature(inner, Kind::Batch, &env)
+        } else {
+            inner
+                .trust
+                .verify(Kind::Batch, &env.body, &env.signer, &env.signature, &b.origin, now)
+                .and_then(|signer| authorized(&signer, &b))
+        };
+        if let Err(r) = verdict {
+            count_untrusted(inner, origin, "batch", &r);
+            return None;
+        }
+        inner.verified().insert(id, env.signature, env.body);
+        return Some(Message::Batch(b));
+    }
+    let h = match codec::decode_heartbeat(&env.body, &inner.namespace, &inner.limits) {
+        Ok(h) if h.origin == origin => h,
+        Ok(h) => {
+            let e = DecodeError::Invalid(format!("heartbeat of {:?} on the subject of {origin:?}", h.origin));
+            count_refusal(inner, origin, &e);
+            return None;
+        }
         Err(e) => {
             count_refusal(inner, origin, &e);
-            None
+            return None;
+        }
+    };
+    let verdict = if inner.unsigned {
+        Ok(())
+    } else if h.origin == inner.node_id {
+        if h.epoch == inner.epoch {
+            own_signature(inner, Kind::Heartbeat, &env)
+        } else {
+            // Another process with this node id: trusted by the policy (never by a pin: this
+            // node's name is its own), it is a live duplicate to report.
+            let checked = inner.trust.check(Kind::Heartbeat, &env.body, &env.signer, &env.signature, &h.origin);
+            if checked.is_ok() {
+                inner.note_duplicate(h.epoch);
+            }
+            checked.map(|_| ())
+        }
+    } else {
+        inner
+            .trust
+            .verify(Kind::Heartbeat, &env.body, &env.signer, &env.signature, &h.origin, now)
+            .map(|_| ())
+    };
+    if let Err(r) = verdict {
+        count_untrusted(inner, origin, "heartbeat", &r);
+        return None;
+    }
+    Some(Message::Heartbeat(h))
+}
+
+/// Checks that a message in this process's own name was signed by this process's key (a forged
+/// heartbeat of ours would otherwise be evidence).
+fn own_signature(inner: &BusInner, kind: Kind, env: &codec::Envelope) -> Result<(), Refusal> {
+    if env.signer != inner.identity.public_key() {
+        return Err(Refusal::WrongOrigin {
+            key: env.signer.chars().take(12).collect(),
+            origin: inner.node_id.clone(),
+        });
+    }
+    inner.trust.check(kind, &env.body, &env.signer, &env.signature, &inner.node_id).map(|_| ())
+}
+
+/// Whether the signer may make every invalidation of the batch.
+fn authorized(signer: &identity::Verified, b: &Batch) -> Result<(), Refusal> {
+    for inv in &b.invalidations {
+        let (allowed, what) = match inv.target {
+            crate::codec::Target::Key(_) => (signer.scopes.keys, "invalidate keys"),
+            _ => (signer.scopes.purge, "purge by tag, prefix or everything"),
+        };
+        if !allowed {
+            return Err(Refusal::NotAllowed {
+                key: signer.key.chars().take(12).collect(),
+                what,
+            });
         }
     }
+    Ok(())
 }
 
 /// Whether a message is this process's own (an echo).
@@ -252,9 +360,9 @@ fn own(inner: &BusInner, origin: &str, epoch: u64) -> bool {
 }
 
 /// A message on the live path.
-async fn on_live(inner: &BusInner, subject: &str, payload: &[u8], echo: &mut Echo) {
+async fn on_live(inner: &BusInner, subject: &str, payload: Bytes, echo: &mut Echo) {
     let stream = inner.follows_stream;
-    match decode(inner, subject, payload) {
+    match decode(inner, subject, &payload) {
         Some(Message::Batch(batch)) => {
             if own(inner, &batch.origin, batch.epoch) {
                 inner.metrics.echoes_skipped.inc();
@@ -288,8 +396,7 @@ async fn on_live(inner: &BusInner, subject: &str, payload: &[u8], echo: &mut Ech
                 }
                 return;
             }
-            heard(inner, &hb);
-            if !stream {
+            if heard(inner, &hb) && !stream {
                 let lost = inner.origins().announced(&hb.origin, hb.epoch, hb.last_seq, false);
                 if lost > 0 {
                     inner.metrics.gaps.inc();
@@ -304,21 +411,27 @@ async fn on_live(inner: &BusInner, subject: &str, payload: &[u8], echo: &mut Ech
     }
 }
 
-/// Records a peer's heartbeat in the peer table.
-fn heard(inner: &BusInner, hb: &Heartbeat) {
+/// The live path's handling of one message, for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) async fn receive_for_fuzzing(inner: &BusInner, subject: &str, payload: Bytes) {
+    on_live(inner, subject, payload, &mut Echo::default()).await;
+}
+
+/// Records a peer's heartbeat in the peer table; false when the table had no room for it.
+fn heard(inner: &BusInner, hb: &Heartbeat) -> bool {
     inner.metrics.heartbeats_received.inc();
     if hb.origin == inner.node_id {
-        // Another process with this node id (or a previous one of this process, still in the
-        // stream): its batches are applied as a peer's, but it is not a peer.
-        inner.metrics.duplicate_node_ids.inc();
-        tracing::warn!(node = %inner.node_id, other_epoch = hb.epoch, "another process publishes heartbeats with this node id");
-        return;
+        // Another process with this node id (reported when it was decoded): its batches are
+        // applied as a peer's, but it is not a peer.
+        return false;
     }
     let recorded = inner.peers().heard(hb, inner.gate.now(), now_us());
     if recorded == crate::peers::Recorded::Full {
         inner.metrics.peers_refused.inc();
         tracing::warn!(node = %inner.node_id, origin = %hb.origin, "peer table full: heartbeat not recorded");
+        return false;
     }
+    true
 }
 
 /// Without a stream: this node's own heartbeat came back through NATS. After a lapse in
@@ -355,7 +468,7 @@ async fn on_streamed(inner: &BusInner, f: &mut Follower, msg: async_nats::jetstr
     if !hole_checked(inner, f, seq).await {
         return;
     }
-    f.next = seq + 1;
+    f.next = seq.saturating_add(1);
     match decode(inner, msg.subject.as_str(), &msg.payload) {
         Some(Message::Batch(batch)) => {
             if own(inner, &batch.origin, batch.epoch) {

@@ -16,6 +16,7 @@ use crate::apply::{Applied, Applier, CacheEvent};
 use crate::codec::Invalidation;
 use crate::config::{JetStreamConfig, Limits};
 use crate::gate::Gate;
+use crate::identity::{Identity, Trust};
 use crate::metrics::BusMetrics;
 use crate::origins::Origins;
 use crate::peers::Peers;
@@ -116,7 +117,47 @@ pub(crate) struct BusInner {
     pub heartbeat_interval: Duration,
     pub max_staleness: Duration,
     pub faults: Faults,
+    /// This bus's signing key.
+    pub identity: Identity,
+    /// The namespace's trust policy, the parsed keys and the origins pinned to them.
+    pub trust: Trust,
+    /// Signatures of recently verified batches, to skip checking the same batch again when the
+    /// other path delivers it.
+    pub verified: Mutex<VerifiedCache>,
+    /// When a live process with this node id (another epoch) was last heard (clock ns; 0:
+    /// never).
+    pub duplicate_seen_ns: AtomicU64,
+    /// Signs nothing and checks no signature (`BusBuilder::unsigned_for_benchmarks`).
+    pub unsigned: bool,
 }
+
+/// Recently verified batches, by `(origin, epoch, seq)`: the signature and body that passed.
+#[derive(Default)]
+pub(crate) struct VerifiedCache {
+    recent: std::collections::HashMap<(String, u64, u64), (Vec<u8>, bytes::Bytes)>,
+    order: VecDeque<(String, u64, u64)>,
+}
+
+impl VerifiedCache {
+    const KEPT: usize = 4096;
+
+    /// Whether exactly this body, with exactly this signature, was verified before.
+    pub fn seen(&self, id: &(String, u64, u64), signature: &[u8], body: &[u8]) -> bool {
+        self.recent
+            .get(id)
+            .is_some_and(|(sig, b)| sig.as_slice() == signature && b.as_ref() == body)
+    }
+
+    pub fn insert(&mut self, id: (String, u64, u64), signature: Vec<u8>, body: bytes::Bytes) {
+        if self.recent.insert(id.clone(), (signature, body)).is_none() {
+            self.order.push_back(id);
+            while self.order.len() > Self::KEPT {
+                if let Some(old) = self.order.pop_front() {
+                    self.recent.remove(&old);
+                }
+            }
+        }
+    }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -133,6 +174,10 @@ impl BusInner {
 
     pub fn beats(&self) -> MutexGuard<'_, Beats> {
         lock(&self.beats)
+    }
+
+    pub fn verified(&self) -> MutexGuard<'_, VerifiedCache> {
+        lock(&self.verified)
     }
 
     /// The caches an invalidation of `cache` (or of every cache) applies to.
@@ -161,6 +206,25 @@ impl BusInner {
     pub fn event(&self, make: impl FnOnce() -> CacheEvent) {
         if self.events.receiver_count() > 0 {
             let _ = self.events.send(make());
+        }
+    }
+
+    /// Wraps an encoded message for the wire: signed, unless benchmarking the unsigned path.
+    pub fn seal(&self, kind: crate::identity::Kind, body: bytes::Bytes) -> bytes::Bytes {
+        if self.unsigned {
+            crate::codec::seal_unsigned(body)
+        } else {
+            crate::codec::seal(&self.identity, kind, body)
+        }
+    }
+
+    /// Records that another live process uses this node id.
+    pub fn note_duplicate(&self, other_epoch: u64) {
+        self.duplicate_seen_ns.store(self.gate.now(), std::sync::atomic::Ordering::Release);
+        self.metrics.duplicate_node_ids.inc();
+        if self.trust.should_log(&format!("{}#{other_epoch}", self.node_id), self.gate.now(), Duration::from_secs(10)) {
+            tracing::error!(node = %self.node_id, epoch = self.epoch, other_epoch,
+                "another live process publishes heartbeats with this node id: two nodes share one name; give each its own node id");
         }
     }
 

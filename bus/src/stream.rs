@@ -290,7 +290,7 @@ impl Follower {
         let mut f = Follower {
             stream: stream.clone(),
             messages: None,
-            next: last + 1,
+            next: last.saturating_add(1),
             batches,
             retry_at: None,
         };

@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reason", default="")
     p.add_argument("--actor", default=os.environ.get("USER", "python"))
     p.add_argument("--origin", help="publisher id (letters, digits, '-', '_'); default py-<random>")
+    p.add_argument(
+        "--key-file",
+        default=os.environ.get("INVALBUS_KEY_FILE"),
+        help="signing key: an nkey seed file (SU...); default a new key for this run",
+    )
     p.add_argument("--tls-ca", help="CA file to verify a TLS server")
     p.add_argument("--ack", action="store_true", help="wait for the JetStream stream's ack")
     a = p.parse_args(argv)
@@ -53,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> str:
         tls = ssl.create_default_context(cafile=a.tls_ca) if a.tls_ca else None
-        pub = await Publisher.connect(a.nats, namespace=a.namespace, origin=a.origin, tls=tls)
+        seed = None
+        if a.key_file:
+            with open(a.key_file, "rb") as f:
+                seed = f.read().strip()
+        pub = await Publisher.connect(a.nats, namespace=a.namespace, origin=a.origin, seed=seed, tls=tls)
         async with pub:
             ack = await pub.publish(invs, ack=a.ack)
         where = f" (stream {ack.stream}, seq {ack.seq})" if ack else ""

@@ -32,6 +32,10 @@ pub struct AdminService {
     state: Arc<NodeState>,
 }
 
+
+/// Most nodes in one ListNodes answer (a reply stays well under gRPC's 4 MiB).
+const MAX_NODES_PAGE: usize = 500;
+
 impl AdminService {
     /// The service over a node's state.
     pub fn new(state: Arc<NodeState>) -> Self {
@@ -217,7 +221,9 @@ impl Admin for AdminService {
                     Ok(Some(m)) => m,
                     _ => break,
                 };
-                let Ok(rc) = Receipt::decode(m.payload.as_ref()) else {
+                // Only a receipt signed by a key trusted to write receipts as its node counts:
+                // a forged one must not make a purge look applied.
+                let Some(rc) = crate::audit::opened_receipt(&st.bus, &m.payload).filter(|r| r.verified) else {
                     continue;
                 };
                 if rc.node == node || !seqs.contains(&rc.seq) || rc.epoch != epoch {
@@ -233,7 +239,7 @@ impl Admin for AdminService {
             if !done(&covered) {
                 for &seq in &seqs {
                     if let Ok(stored) = st.audit.receipts(&node, epoch, seq).await {
-                        for rc in stored {
+                        for rc in stored.into_iter().filter(|r| r.verified) {
                             if rc.node != node && covered.entry(rc.node.clone()).or_default().insert(rc.seq) {
                                 receipts.push(rc);
                             }
@@ -279,7 +285,20 @@ impl Admin for AdminService {
             last_seen_us: invalbus::now_us(),
             is_self: true,
         }];
-        for p in bus.peers() {
+        let r = request.into_inner();
+        let page_size = match r.page_size {
+            0 => MAX_NODES_PAGE,
+            n => (n as usize).min(MAX_NODES_PAGE),
+        };
+        // Nodes come sorted by id; a page token is the last id of the previous page.
+        let after = r.page_token;
+        if !after.is_empty() {
+            nodes.clear();
+        }
+        let peers: Vec<_> = bus.peers().into_iter().filter(|p| p.node_id > after).collect();
+        let room = page_size.saturating_sub(nodes.len());
+        let more = peers.len() > room;
+        for p in peers.into_iter().take(room) {
             nodes.push(NodeInfo {
                 node_id: p.node_id,
                 epoch: p.epoch,
@@ -295,7 +314,12 @@ impl Admin for AdminService {
                 is_self: false,
             });
         }
-        Ok(Response::new(ListNodesResponse { nodes }))
+        let next_page_token = if more {
+            nodes.last().map(|n| n.node_id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListNodesResponse { nodes, next_page_token }))
     }
 
     async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
@@ -318,19 +342,9 @@ impl Admin for AdminService {
             ));
         }
         let page_size = if r.page_size == 0 { 20 } else { r.page_size as usize };
-        let before = if r.page_token.is_empty() {
-            None
-        } else {
-            match r.page_token.strip_prefix('s').and_then(|s| s.parse::<u64>().ok()) {
-                Some(seq) if seq > 0 => Some(seq),
-                _ => {
-                    return Err(st.auth.refusals.invalid(
-                        "QueryAudit",
-                        &who,
-                        "page_token is malformed: pass the next_page_token of a previous response unchanged".into(),
-                    ))
-                }
-            }
+        let before = match crate::audit::parse_page_token(&r.page_token) {
+            Ok(before) => before,
+            Err(why) => return Err(st.auth.refusals.invalid("QueryAudit", &who, why)),
         };
         let (records, next, scanned) = st.audit.query(&filter, page_size, before).await.map_err(audit_status)?;
         let records = records

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use invalbus::{Batch, Invalidation, Limits, Target};
+use invalbus::{Batch, Bus, Invalidation, Limits, Target};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 
@@ -221,6 +221,7 @@ impl Filter {
             invalidations,
             receipts: Vec::new(),
             batch_size: b.invalidations.len() as u32,
+            ..Default::default()
         })
     }
 }
@@ -237,6 +238,42 @@ fn audit_invalidation(i: &Invalidation) -> AuditInvalidation {
     }
 }
 
+/// A receipt read back from the stream or the live subjects, with its signer and whether this
+/// node's bus trusts it, as the admin API shows it.
+pub fn opened_receipt(bus: &Bus, payload: &Bytes) -> Option<Receipt> {
+    let opened = bus.open_receipt(payload).ok()?;
+    let mut r = to_pb(opened.message);
+    r.signer = opened.signer;
+    r.verified = opened.trusted.is_ok();
+    r.unverified = opened.trusted.err().map(|e| e.to_string()).unwrap_or_default();
+    Some(r)
+}
+
+/// The position a QueryAudit page token names (`s<stream sequence>`; empty: the newest).
+pub fn parse_page_token(token: &str) -> Result<Option<u64>, String> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    match token.strip_prefix('s').and_then(|s| s.parse::<u64>().ok()) {
+        Some(seq) if seq > 0 => Ok(Some(seq)),
+        _ => Err("page_token is malformed: pass the next_page_token of a previous response unchanged".into()),
+    }
+}
+
+/// A batch read back from the stream, its signer and whether this node's bus trusts it.
+fn opened_batch(bus: &Bus, payload: &Bytes) -> Option<(Batch, String, Result<(), invalbus::Refusal>)> {
+    let opened = bus.open_batch(payload).ok()?;
+    Some((opened.message, opened.signer, opened.trusted))
+}
+
+/// Marks a record with its batch's signer.
+fn signed(mut r: AuditRecord, signer: String, trusted: Result<(), invalbus::Refusal>) -> AuditRecord {
+    r.signer = signer;
+    r.verified = trusted.is_ok();
+    r.unverified = trusted.err().map(|e| e.to_string()).unwrap_or_default();
+    r
+}
+
 /// A receipt as the admin API shows it (the same fields as the library's).
 pub fn to_pb(r: invalbus::Receipt) -> Receipt {
     Receipt {
@@ -251,6 +288,7 @@ pub fn to_pb(r: invalbus::Receipt) -> Receipt {
         invalidations: r.invalidations,
         purge_ids: r.purge_ids,
         local: r.local,
+        ..Default::default()
     }
 }
 
@@ -258,26 +296,25 @@ pub fn to_pb(r: invalbus::Receipt) -> Receipt {
 /// receipts, this node's among them.)
 pub struct Audit {
     subjects: AuditSubjects,
-    namespace: String,
     node_id: String,
     client: async_nats::Client,
     js: jetstream::Context,
     durable: bool,
-    limits: Limits,
+    /// Opens the signed messages and tells whether they are trusted.
+    bus: Bus,
 }
 
 impl Audit {
-    /// The audit log of `namespace` over `client`; `durable` when the bus keeps its batches and
-    /// receipts in JetStream (it creates both streams).
-    pub fn new(client: async_nats::Client, namespace: &str, node_id: &str, durable: bool, limits: Limits) -> Audit {
+    /// The audit log of `bus`'s namespace over `client`; `durable` when the bus keeps its
+    /// batches and receipts in JetStream (it creates both streams).
+    pub fn new(client: async_nats::Client, bus: Bus, durable: bool) -> Audit {
         Audit {
-            subjects: AuditSubjects::new(namespace),
-            namespace: namespace.to_owned(),
-            node_id: node_id.to_owned(),
+            subjects: AuditSubjects::new(bus.namespace()),
+            node_id: bus.node_id().to_owned(),
             js: jetstream::new(client.clone()),
             client,
             durable,
-            limits,
+            bus,
         }
     }
 
@@ -357,14 +394,14 @@ impl Audit {
             let chunk = read_range(&stream, self.subjects.all_batches(), lo, hi).await?;
             scanned += hi - lo;
             for (seq, payload) in chunk.into_iter().rev() {
-                let Ok(batch) = invalbus::decode_batch(&payload, &self.namespace, &self.limits) else {
+                let Some((batch, signer, trusted)) = opened_batch(&self.bus, &payload) else {
                     continue;
                 };
-                if filter.since_us != 0 && batch.timestamp_us + CLOCK_MARGIN_US < filter.since_us {
+                if filter.since_us != 0 && batch.timestamp_us.saturating_add(CLOCK_MARGIN_US) < filter.since_us {
                     break 'scan;
                 }
                 if let Some(r) = filter.record(&batch, seq) {
-                    records.push(r);
+                    records.push(signed(r, signer, trusted));
                     if records.len() >= page_size {
                         next = (seq > first).then_some(seq);
                         break 'scan;
@@ -394,7 +431,7 @@ impl Audit {
             .map_err(|e| AuditError::Unavailable(e.to_string()))?;
         let raw = read_range(&stream, self.subjects.receipts_of(origin, epoch, seq), 1, u64::MAX).await?;
         Ok(merge_receipts(
-            raw.iter().filter_map(|(_, p)| Receipt::decode(p.as_ref()).ok()),
+            raw.iter().filter_map(|(_, p)| opened_receipt(&self.bus, p)),
         ))
     }
 
@@ -419,8 +456,7 @@ impl Audit {
         } else {
             self.subscribe_both().await?
         };
-        let limits = self.limits.clone();
-        let namespace = self.namespace.clone();
+        let bus = self.bus.clone();
         tokio::spawn(async move {
             let mut matched: HashSet<(String, u64, u64)> = HashSet::new();
             let mut order: VecDeque<(String, u64, u64)> = VecDeque::new();
@@ -435,8 +471,9 @@ impl Audit {
                     biased;
                     m = batches.next() => {
                         let Some(m) = m else { return };
-                        let Ok(b) = invalbus::decode_batch(&m, &namespace, &limits) else { continue };
+                        let Some((b, signer, trusted)) = opened_batch(&bus, &m) else { continue };
                         let Some(r) = filter.record(&b, 0) else { continue };
+                        let r = signed(r, signer, trusted);
                         let k = (b.origin.clone(), b.epoch, b.seq);
                         if matched.insert(k.clone()) {
                             order.push_back(k.clone());
@@ -456,7 +493,7 @@ impl Audit {
                     }
                     m = receipts.next() => {
                         let Some(m) = m else { return };
-                        let Ok(r) = Receipt::decode(m.as_ref()) else { continue };
+                        let Some(r) = opened_receipt(&bus, &m) else { continue };
                         let k = (r.origin.clone(), r.epoch, r.seq);
                         let by_purge = filter.purge_id.as_ref().is_some_and(|p| r.purge_ids.contains(p));
                         if !(everything || by_purge || matched.contains(&k)) {

@@ -66,7 +66,11 @@ impl Auth {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::trim);
-        let presented = header.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")));
+        // The scheme is case-insensitive (RFC 6750 after RFC 7235): `Bearer`, `bearer`, `BEARER`.
+        let presented = header.and_then(|h| {
+            let (scheme, token) = h.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        });
         if self.tokens.is_empty() {
             if self.insecure {
                 return Ok(Principal {
@@ -79,12 +83,9 @@ impl Auth {
                  (or start it with --insecure for local development)",
             ));
         }
+        // With tokens configured, `insecure` has no effect (the configuration refuses the pair):
+        // a call without a token is refused.
         let Some(presented) = presented.map(str::trim) else {
-            if self.insecure {
-                return Ok(Principal {
-                    name: "insecure".into(),
-                });
-            }
             return Err(self.unauthenticated(method, "missing token: send `authorization: Bearer <token>` metadata"));
         };
         // Compare against every token in constant time, so timing does not reveal a prefix.

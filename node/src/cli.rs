@@ -244,7 +244,24 @@ fn print_receipts(receipts: &[Receipt]) {
 /// Runs `nodes`.
 pub async fn nodes(a: ClientArgs) -> Result<(), Error> {
     let mut c = connect(&a).await?;
-    let r = c.list_nodes(ListNodesRequest {}).await.map_err(status)?.into_inner();
+    // Every page, in order.
+    let mut r = ListNodesResponse::default();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_nodes(ListNodesRequest {
+                page_size: 0,
+                page_token: token,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        r.nodes.extend(page.nodes);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -440,13 +457,14 @@ pub async fn audit(a: AuditArgs) -> Result<(), Error> {
 
 fn print_record(r: &AuditRecord, receipts: bool) {
     println!(
-        "{}  {}#{} (epoch {:016x})  {} of {} invalidation(s)",
+        "{}  {}#{} (epoch {:016x})  {} of {} invalidation(s)  {}",
         time(r.published_us),
         r.origin,
         r.seq,
         r.epoch,
         r.invalidations.len(),
-        r.batch_size
+        r.batch_size,
+        signature(&r.signer, r.verified, &r.unverified)
     );
     for i in &r.invalidations {
         println!(
@@ -479,6 +497,16 @@ fn print_record(r: &AuditRecord, receipts: bool) {
     }
 }
 
+/// Who signed a record or receipt, as the audit prints it.
+fn signature(signer: &str, verified: bool, why: &str) -> String {
+    let short: String = signer.chars().take(12).collect();
+    if verified {
+        format!("signed {short}…")
+    } else {
+        format!("UNVERIFIED ({why}; signer {short}…)")
+    }
+}
+
 /// The APPLIED, AFTER and DROPPED cells of a receipt, as both receipt tables show them.
 fn receipt_cells(r: &Receipt) -> [String; 3] {
     let after = if r.local {
@@ -486,11 +514,14 @@ fn receipt_cells(r: &Receipt) -> [String; 3] {
     } else {
         ms(r.applied_us.saturating_sub(r.published_us))
     };
-    let dropped = if r.flushed {
+    let mut dropped = if r.flushed {
         "flushed".into()
     } else {
         r.dropped.to_string()
     };
+    if !r.verified {
+        dropped = format!("{dropped}  UNVERIFIED ({})", r.unverified);
+    }
     [time(r.applied_us), after, dropped]
 }
 

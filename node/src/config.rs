@@ -41,9 +41,73 @@ pub struct ServeArgs {
     /// Run on core NATS only: no stream, so no replay and no audit log.
     #[arg(long, env = "INVALBUS_NO_JETSTREAM")]
     pub no_jetstream: bool,
+    /// This node's signing key: an nkey seed file, made if missing ([identity] key_file).
+    #[arg(long, env = "INVALBUS_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Start even if another live process uses this node id.
+    #[arg(long, env = "INVALBUS_TAKE_OVER")]
+    pub take_over: bool,
     /// Extra cache, as `name` or `name=max_entries` (repeatable).
     #[arg(long = "cache", value_name = "NAME[=MAX_ENTRIES]")]
     pub caches: Vec<String>,
+}
+
+/// The trust policy of a `[trust]` section.
+fn trust_policy(t: &TrustSection) -> Result<invalbus::TrustPolicy, ConfigError> {
+    match t.mode.as_deref().unwrap_or("pinned") {
+        "pinned" => {
+            if !t.keys.is_empty() {
+                return Err(ConfigError(
+                    "[trust] lists keys but mode is \"pinned\" (any key): set mode = \"keys\"".into(),
+                ));
+            }
+            Ok(invalbus::TrustPolicy::PinOnFirstUse)
+        }
+        "keys" => {
+            if t.keys.is_empty() {
+                return Err(ConfigError("[trust] mode = \"keys\" needs [[trust.keys]]".into()));
+            }
+            let mut keys = Vec::new();
+            for k in &t.keys {
+                if !k.key.starts_with('U') || invalbus::Identity::check_public_key(&k.key).is_err() {
+                    return Err(ConfigError(format!(
+                        "[[trust.keys]] key {:?}: not a public user nkey (U..., 56 characters)",
+                        k.key
+                    )));
+                }
+                let mut scopes = invalbus::Scopes::ALL;
+                if let Some(list) = &k.scopes {
+                    scopes = invalbus::Scopes {
+                        keys: false,
+                        purge: false,
+                        receipts: false,
+                    };
+                    for s in list {
+                        match s.as_str() {
+                            "keys" => scopes.keys = true,
+                            "purge" => scopes.purge = true,
+                            "receipts" => scopes.receipts = true,
+                            other => {
+                                return Err(ConfigError(format!(
+                                    "[[trust.keys]] {}: unknown scope {other:?} (keys, purge, receipts)",
+                                    k.key
+                                )))
+                            }
+                        }
+                    }
+                }
+                keys.push(invalbus::TrustedKey {
+                    key: k.key.clone(),
+                    scopes,
+                    origins: k.origins.clone(),
+                });
+            }
+            Ok(invalbus::TrustPolicy::Keys(keys))
+        }
+        other => Err(ConfigError(format!(
+            "[trust] mode {other:?}: use \"pinned\" or \"keys\""
+        ))),
+    }
 }
 
 /// Errors in the configuration. The message says what to fix.
@@ -198,6 +262,44 @@ pub struct FileConfig {
     pub caches: Vec<CacheEntryConfig>,
     /// Most targets in one purge (default 256).
     pub max_purge_targets: Option<usize>,
+    #[serde(default)]
+    pub identity: IdentitySection,
+    #[serde(default)]
+    pub trust: TrustSection,
+}
+
+/// This node's signing key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySection {
+    /// An nkey seed file (`SU...`); made (mode 0600) if it does not exist. Without it the node
+    /// makes a new key at each start, which a `keys` trust policy cannot list.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Which signers the namespace accepts (every node of a namespace should have the same).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustSection {
+    /// `pinned` (default, for development: any key, each origin pinned to the first key heard
+    /// for it) or `keys` (only the keys listed).
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub keys: Vec<TrustedKeyConfig>,
+}
+
+/// One trusted key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedKeyConfig {
+    /// Its public nkey (`U...`, as `invalbus-node key` prints it).
+    pub key: String,
+    /// What it may do: `keys` (invalidate keys), `purge` (tags, prefixes, everything),
+    /// `receipts` (write receipts). Default: all three.
+    pub scopes: Option<Vec<String>>,
+    /// The node ids it may publish as (default: any, each pinned to it on first use).
+    #[serde(default)]
+    pub origins: Vec<String>,
 }
 
 /// The resolved configuration a node runs with.
@@ -219,6 +321,12 @@ pub struct NodeConfig {
     pub max_purge_targets: usize,
     /// Heartbeat interval of the bus.
     pub heartbeat_interval: Duration,
+    /// The signing key's file, if any.
+    pub key_file: Option<PathBuf>,
+    /// The namespace's trust policy.
+    pub trust: invalbus::TrustPolicy,
+    /// Start even if another live process has this node id.
+    pub take_over: bool,
 }
 
 impl Default for NodeConfig {
@@ -271,6 +379,15 @@ impl NodeConfig {
                 ttl_secs: default_ttl(),
             });
         }
+        let insecure = args.insecure || file.insecure;
+        if insecure && !file.tokens.is_empty() {
+            return Err(ConfigError(
+                "insecure means \"no tokens, local development\": this configuration has [[tokens]], so a call \
+                 without a token would get every role. Remove insecure (or the tokens)"
+                    .into(),
+            ));
+        }
+        let trust = trust_policy(&file.trust)?;
         for t in &file.tokens {
             if t.token.len() < 16 {
                 return Err(ConfigError(format!(
@@ -310,7 +427,7 @@ impl NodeConfig {
             },
             advertise: args.advertise.clone().or(file.advertise),
             metrics_listen: args.metrics_listen.clone().or(file.metrics_listen),
-            insecure: args.insecure || file.insecure,
+            insecure,
             nats,
             jetstream,
             tls: file.tls,
@@ -318,6 +435,9 @@ impl NodeConfig {
             caches,
             max_purge_targets: file.max_purge_targets.unwrap_or(256).max(1),
             heartbeat_interval: Duration::from_secs(1),
+            key_file: args.key_file.clone().or(file.identity.key_file),
+            trust,
+            take_over: args.take_over,
         };
         Ok(config)
     }

@@ -33,6 +33,22 @@ enum Command {
     Audit(cli::AuditArgs),
     /// Ask a node's gRPC health service; exits non-zero unless it is serving.
     Health(cli::HealthArgs),
+    /// Print the public key of a signing key file (an nkey seed), making the key if the file
+    /// does not exist: what a `[[trust.keys]]` entry lists.
+    Key(KeyArgs),
+}
+
+#[derive(clap::Args)]
+struct KeyArgs {
+    /// The key file (mode 0600 when made).
+    #[arg(long, value_name = "PATH")]
+    file: std::path::PathBuf,
+}
+
+fn key(args: KeyArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let id = invalbus::Identity::load_or_create(&args.file)?;
+    println!("{}", id.public_key());
+    Ok(())
 }
 
 fn init_tracing(format: &str, default: &str) {
@@ -99,6 +115,7 @@ async fn main() -> std::process::ExitCode {
         Command::Stats(args) => cli::stats(args).await,
         Command::Audit(args) => cli::audit(args).await,
         Command::Health(args) => cli::health(args).await,
+        Command::Key(args) => key(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -60,7 +60,13 @@ async fn join_bus(
             // The node is where stream settings come from: it creates the streams and brings
             // them to its retention (service replicas only create missing ones).
             .manage_streams(true)
-            .startup_timeout(Duration::from_secs(30));
+            .startup_timeout(Duration::from_secs(30))
+            .trust(config.trust.clone())
+            .take_over(config.take_over);
+        if let Some(path) = &config.key_file {
+            let identity = invalbus::Identity::load_or_create(path).map_err(|e| NodeError::Config(e.to_string()))?;
+            builder = builder.identity(identity);
+        }
         if let Some(id) = &config.node_id {
             builder = builder.node_id(id.clone());
         }
@@ -200,6 +206,9 @@ impl Node {
     /// answers gRPC health with NOT_SERVING on its port; it returns an error only for what
     /// retrying cannot fix (a bad setting, refused credentials, a stream it cannot use).
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        if let invalbus::TrustPolicy::PinOnFirstUse = config.trust {
+            tracing::warn!("trust policy: any key, each node id pinned to the first key heard for it (development); list the nodes' keys in [trust] for production");
+        }
         if config.tokens.is_empty() {
             if config.insecure {
                 tracing::warn!("--insecure: admin and sidecar calls are served WITHOUT tokens; use this for local development only");
@@ -268,13 +277,7 @@ impl Node {
             .connect(config.nats_url())
             .await
             .map_err(|e| NodeError::Nats(e.to_string()))?;
-        let audit = Audit::new(
-            client,
-            &config.namespace,
-            bus.node_id(),
-            js_config.is_some(),
-            bus.limits().clone(),
-        );
+        let audit = Audit::new(client, bus.clone(), js_config.is_some());
         let state = Arc::new(NodeState {
             auth: Auth::new(config.tokens.clone(), config.insecure),
             bus,

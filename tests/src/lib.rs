@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use invalbus::{Batch, Bus, BusBuilder, Heartbeat, Invalidation};
+use invalbus::{Batch, Bus, BusBuilder, Heartbeat, Identity, Invalidation, Kind};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -929,6 +929,7 @@ pub struct RawPeer {
     origin: String,
     epoch: u64,
     next_seq: u64,
+    identity: Identity,
 }
 
 impl RawPeer {
@@ -944,7 +945,26 @@ impl RawPeer {
             origin: origin.to_owned(),
             epoch: rand::random::<u64>() | 1,
             next_seq: 1,
+            identity: Identity::generate(),
         }
+    }
+
+    /// Signs with `identity` from now on (by default a key of its own, made at connect).
+    pub fn with_identity(mut self, identity: Identity) -> RawPeer {
+        self.identity = identity;
+        self
+    }
+
+    /// Claims epoch `epoch` from now on, with the next batch at `next_seq`.
+    pub fn with_epoch(mut self, epoch: u64, next_seq: u64) -> RawPeer {
+        self.epoch = epoch;
+        self.next_seq = next_seq;
+        self
+    }
+
+    /// The key it signs with.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
     }
 
     /// The origin (node id) this peer claims.
@@ -976,11 +996,12 @@ impl RawPeer {
         }
     }
 
-    /// Encodes `batch` with [`invalbus::encode_batch`] and publishes it on this origin's batch
-    /// subject, then flushes.
+    /// Encodes `batch` with [`invalbus::encode_batch`], signs it with this peer's key and
+    /// publishes it on this origin's batch subject, then flushes.
     pub async fn publish_batch(&self, batch: &Batch) {
         let subject = inv_subject(&self.namespace, &self.origin);
-        self.publish_raw(&subject, invalbus::encode_batch(batch)).await;
+        let body = invalbus::encode_batch(batch);
+        self.publish_raw(&subject, invalbus::seal(&self.identity, Kind::Batch, body)).await;
     }
 
     /// Publishes the next batch of `invalidations`; returns its sequence.
@@ -1004,7 +1025,8 @@ impl RawPeer {
             beat: 0,
         };
         let subject = hb_subject(&self.namespace, &self.origin);
-        self.publish_raw(&subject, invalbus::encode_heartbeat(&hb)).await;
+        let body = invalbus::encode_heartbeat(&hb);
+        self.publish_raw(&subject, invalbus::seal(&self.identity, Kind::Heartbeat, body)).await;
     }
 
     /// Publishes `payload` as is on `subject`, then flushes.
@@ -1027,6 +1049,7 @@ pub fn bus_builder(url: &str, namespace: &str, node_id: &str) -> BusBuilder {
         .nats(url)
         .namespace(namespace)
         .node_id(node_id)
+        .heartbeat_interval(Duration::from_millis(200))
         .max_staleness(Duration::from_secs(30))
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use invalbus::{BuildError, Bus, BusStats, Cache, CacheConfig, Invalidation, Limits, Loaded, Target};
+use invalbus::{BuildError, Bus, BusStats, Cache, CacheConfig, Invalidation, Kind, Limits, Loaded, Target};
 use invalbus_tests::{
     bus, bus_builder, eventually, free_port, init_tracing, inv_subject, NatsServer, ProxyMode, RawPeer, TcpProxy,
     DEADLINE,
@@ -578,7 +578,8 @@ async fn malformed_oversized_foreign_and_invalid_messages_are_dropped_and_counte
     let mut big = mallory.next_batch(vec![key("k-oversized")]);
     big.invalidations[0].reason = "x".repeat(1000);
     big.invalidations = vec![big.invalidations[0].clone(); 8];
-    mallory.publish_raw(&inv, invalbus::encode_batch(&big)).await;
+    let sealed = invalbus::seal(mallory.identity(), Kind::Batch, invalbus::encode_batch(&big));
+    mallory.publish_raw(&inv, sealed).await;
     // Another namespace's batch on our subject.
     let mut foreign = mallory.next_batch(vec![key("k-foreign")]);
     foreign.namespace = "other".into();
@@ -599,9 +600,8 @@ async fn malformed_oversized_foreign_and_invalid_messages_are_dropped_and_counte
     // the above has been handled.
     let mut honest = RawPeer::connect(&server.url(), NS, "honest").await;
     let valid = honest.next_batch(vec![key("k-valid")]);
-    mallory
-        .publish_raw(&inv_subject(NS, "honest"), invalbus::encode_batch(&valid))
-        .await;
+    let sealed = invalbus::seal(honest.identity(), Kind::Batch, invalbus::encode_batch(&valid));
+    mallory.publish_raw(&inv_subject(NS, "honest"), sealed).await;
     gone(&cache, "k-valid").await;
 
     let s = node.stats();

@@ -186,6 +186,7 @@ class Node:
         jetstream: bool = True,
         ttl_secs: int = 300,
         caches: tuple[str, ...] = ("default",),
+        extra_toml: str = "",
     ) -> None:
         self.dir = workdir / node_id
         self.dir.mkdir(parents=True)
@@ -203,7 +204,9 @@ class Node:
             f'node_id = "{node_id}"\nnamespace = "{namespace}"\nlisten = "{self.address}"\n'
             f'read_listen = "{self.read_address}"\n'
             f'[nats]\nurl = "{nats_url}"\n[jetstream]\nenabled = {"true" if jetstream else "false"}\n'
-            f'[[tokens]]\nname = "pytest"\ntoken = "{TOKEN}"\nroles = ["cache", "read", "purge"]\n' + cache_tables
+            f'[[tokens]]\nname = "pytest"\ntoken = "{TOKEN}"\nroles = ["cache", "read", "purge"]\n'
+            + cache_tables
+            + extra_toml
         )
         self.log = open(self.dir / "node.log", "wb")
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))

@@ -8,9 +8,9 @@ import sys
 import uuid
 
 import pytest
-from cluster import REPO, Node, wait_for
+from cluster import REPO, Node, cluster, wait_for
 
-from invalbus.publisher import Publisher, PublishError, invalidation
+from invalbus.publisher import Publisher, PublishError, invalidation, new_seed, public_key
 
 
 def test_a_published_batch_is_applied_by_the_node(two_nodes: tuple[object, Node, Node]) -> None:
@@ -67,3 +67,38 @@ def test_no_stream_is_a_publish_error(two_nodes: tuple[object, Node, Node]) -> N
                 await pub.publish([invalidation(tag="t")], ack=True)
 
     asyncio.run(run())
+
+
+def test_a_node_with_a_key_list_applies_only_the_publishers_it_trusts(tmp_path: object) -> None:
+    """Signed end to end: a node whose `[trust]` lists this publisher's key (for its origin,
+    key invalidations only) applies its batches; an unlisted key, and a purge beyond the key's
+    scopes, are refused and change nothing."""
+    node_seed, trusted_seed, stranger_seed = new_seed(), new_seed(), new_seed()
+    with cluster() as c:
+        key_file = c.dir / "node.nk"
+        key_file.write_bytes(node_seed + b"\n")
+        extra = (
+            f'[identity]\nkey_file = "{key_file}"\n'
+            f'[trust]\nmode = "keys"\n'
+            f'[[trust.keys]]\nkey = "{public_key(node_seed)}"\norigins = ["keyed"]\n'
+            f'[[trust.keys]]\nkey = "{public_key(trusted_seed)}"\nscopes = ["keys"]\norigins = ["py-trusted"]\n'
+        )
+        node = c.node("keyed", extra_toml=extra)
+        client = node.client()
+        for k in ("by-stranger", "by-trusted", "tagged"):
+            assert client.set(k, b"v", tags=["t"])
+
+        async def run() -> None:
+            url, ns = c.nats.url, c.namespace  # type: ignore[attr-defined]
+            stranger = await Publisher.connect(url, namespace=ns, origin="py-trusted", seed=stranger_seed)
+            async with stranger:
+                await stranger.publish([invalidation(cache="default", key="by-stranger")], ack=True)
+            trusted = await Publisher.connect(url, namespace=ns, origin="py-trusted", seed=trusted_seed)
+            async with trusted:
+                await trusted.publish([invalidation(cache="default", tag="t")], ack=True)
+                await trusted.publish([invalidation(cache="default", key="by-trusted")], ack=True)
+
+        asyncio.run(run())
+        wait_for("the trusted publisher's key invalidation", lambda: not client.get("by-trusted").found)
+        assert client.get("by-stranger").found, "a batch signed by an unlisted key was applied"
+        assert client.get("tagged").found, "a tag purge by a key allowed keys only was applied"

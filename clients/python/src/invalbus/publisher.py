@@ -2,12 +2,19 @@
 job, a migration script): batches of `invalbus.wire.v1.InvalidationBatch` (the generated
 `wire_pb2` classes) over nats-py. Needs the `nats` extra: `pip install "invalbus[nats]"`.
 
-Every node of the namespace applies a batch as it would one of its peers'. A `Publisher` is a
-publisher of its own: its origin id, a random epoch, and sequence numbers from 1 with no gaps
-(a receiver that sees a gap flushes), so keep one per process and publish through it in order.
+Every node of the namespace applies a batch as it would one of its peers', if it trusts the
+key that signed it. A `Publisher` is a publisher of its own: its origin id, its signing key
+(an nkey seed, `SU...`: list its public key `U...` in the nodes' `[trust]`), a random epoch,
+and sequence numbers from 1 with no gaps (a receiver that sees a gap flushes), so keep one per
+process and publish through it in order.
 
-    async with await Publisher.connect("nats://127.0.0.1:4222", namespace="blog") as p:
+    seed = open("publisher.nk", "rb").read().strip()
+    async with await Publisher.connect("nats://127.0.0.1:4222", namespace="blog", seed=seed) as p:
         await p.publish([invalidation(cache="articles", key="hello-world", version=7)], ack=True)
+
+What is signed (proto/wire.proto, `Signed`): the Ed25519 signature covers
+`b"invalbus.v1:batch:" + body`, where `body` is the encoded `InvalidationBatch` carried, byte for
+byte, in the envelope.
 """
 
 from __future__ import annotations
@@ -22,6 +29,30 @@ from typing import Any
 from ._pb import wire_pb2
 
 _ORIGIN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def new_seed() -> bytes:
+    """A new random signing key, as an nkey user seed (`SU...`)."""
+    import nkeys
+
+    return bytes(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER))
+
+
+def public_key(seed: bytes) -> str:
+    """The public nkey (`U...`) of a seed: what the nodes' trust policy lists."""
+    import nkeys
+
+    return nkeys.from_seed(bytearray(seed)).public_key.decode()
+
+
+def seal(seed: bytes, kind: str, body: bytes) -> bytes:
+    """`body` (an encoded message of `kind`: batch, heartbeat or receipt) in a `Signed`
+    envelope, signed with `seed`."""
+    import nkeys
+
+    kp = nkeys.from_seed(bytearray(seed))
+    signature = kp.sign(b"invalbus.v1:" + kind.encode() + b":" + body)
+    return wire_pb2.Signed(body=body, signer=kp.public_key.decode(), signature=signature).SerializeToString()
 
 
 class PublishError(Exception):
@@ -61,10 +92,12 @@ def invalidation(
 class Publisher:
     """One publisher: an origin with a random epoch and its own sequence."""
 
-    def __init__(self, nc: Any, namespace: str, origin: str | None = None) -> None:
+    def __init__(self, nc: Any, namespace: str, origin: str | None = None, *, seed: bytes | None = None) -> None:
         origin = origin or "py-" + secrets.token_hex(4)
         if not _ORIGIN.match(origin):
             raise ValueError("origin: 1 to 64 letters, digits, '-' or '_'")
+        self.seed = seed.strip() if seed else new_seed()
+        self.public_key = public_key(self.seed)
         self.nc = nc
         self.namespace = namespace
         self.origin = origin
@@ -73,8 +106,12 @@ class Publisher:
         self._errors: list[Exception] = []
 
     @classmethod
-    async def connect(cls, url: str, *, namespace: str, origin: str | None = None, **options: Any) -> Publisher:
-        """Connects to NATS (nats-py's `connect` options pass through, e.g. `tls`)."""
+    async def connect(
+        cls, url: str, *, namespace: str, origin: str | None = None, seed: bytes | None = None, **options: Any
+    ) -> Publisher:
+        """Connects to NATS (nats-py's `connect` options pass through, e.g. `tls`). `seed`: the
+        signing key (an nkey seed); without it, a new key of this publisher's own, which only
+        nodes that pin keys on first use accept."""
         import nats
 
         box: list[Exception] = []
@@ -85,7 +122,7 @@ class Publisher:
         options.setdefault("connect_timeout", 10)
         options.setdefault("allow_reconnect", False)
         nc = await nats.connect(url, error_cb=on_error, name="invalbus-python-publisher", **options)
-        p = cls(nc, namespace, origin)
+        p = cls(nc, namespace, origin, seed=seed)
         p._errors = box
         return p
 
@@ -107,7 +144,8 @@ class Publisher:
             invalidations=invalidations,
             namespace=self.namespace,
         )
-        return await publish_raw(self.nc, self.subject, batch.SerializeToString(), ack=ack, errors=self._errors)
+        payload = seal(self.seed, "batch", batch.SerializeToString())
+        return await publish_raw(self.nc, self.subject, payload, ack=ack, errors=self._errors)
 
     async def close(self) -> None:
         """Drains and closes the connection (what is queued is sent first)."""

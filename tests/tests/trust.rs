@@ -1,0 +1,484 @@
+//! Only the namespace's own nodes can invalidate: every row of the forgery table of the trust
+//! issue, reproduced from an ordinary NATS client, and shown refused, counted, and without effect
+//! on genuine invalidations.
+//!
+//! Each test names what an untrusted publisher tried and asserts what a user would notice: the
+//! entry it tried to drop is still cached, the genuine invalidation still lands, no cache was
+//! flushed, the counters say why.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use invalbus::{Bus, Cache, CacheConfig, Identity, Invalidation, Loaded, Scopes, Target, TrustPolicy, TrustedKey};
+use invalbus_tests::{bus_builder, eventually, init_tracing, NatsServer, RawPeer, DEADLINE};
+
+const NS: &str = "trust";
+
+fn key(k: &str) -> Invalidation {
+    Invalidation::new(Some("items"), Target::Key(k.into()))
+}
+
+/// A policy trusting each of `ids` for its node id only.
+fn policy(ids: &[(&str, &Identity)]) -> TrustPolicy {
+    TrustPolicy::Keys(
+        ids.iter()
+            .map(|(origin, id)| TrustedKey {
+                key: id.public_key().to_owned(),
+                scopes: Scopes::ALL,
+                origins: vec![(*origin).to_owned()],
+            })
+            .collect(),
+    )
+}
+
+/// Two nodes `a` and `b` on a JetStream server, each trusting the other's key for its name.
+struct Pair {
+    a: Bus,
+    b: Bus,
+    on_b: Cache<String>,
+    server: NatsServer,
+}
+
+impl Pair {
+    async fn start() -> Pair {
+        init_tracing();
+        let server = NatsServer::start_jetstream().await;
+        let (ka, kb) = (Identity::generate(), Identity::generate());
+        let trust = policy(&[("a", &ka), ("b", &kb)]);
+        let js = invalbus::JetStreamConfig::default();
+        let a = bus_builder(&server.url(), NS, "a")
+            .identity(ka)
+            .trust(trust.clone())
+            .jetstream(js.clone())
+            .build()
+            .await
+            .expect("a");
+        let b = bus_builder(&server.url(), NS, "b")
+            .identity(kb)
+            .trust(trust)
+            .jetstream(js)
+            .build()
+            .await
+            .expect("b");
+        let on_b = b.cache::<String>("items", CacheConfig::new(1000)).expect("cache");
+        a.cache::<String>("items", CacheConfig::new(1000)).expect("cache");
+        Pair { a, b, on_b, server }
+    }
+
+    async fn fill(&self, keys: &[&str]) {
+        for k in keys {
+            let v = self
+                .on_b
+                .get_or_load(k, || async { Ok::<_, std::io::Error>(Loaded::new("v".to_string())) })
+                .await
+                .expect("load");
+            assert_eq!(v, "v");
+            assert!(self.on_b.get(k).await.is_some(), "{k} not cached");
+        }
+    }
+
+    /// Waits until `b` counted `n` refusals of untrusted messages.
+    async fn refused(&self, n: u64) {
+        let ok = eventually(DEADLINE, || async { self.b.stats().refused_untrusted >= n }).await;
+        assert!(ok, "b refused {} messages, expected {n}: {:?}", self.b.stats().refused_untrusted, self.b.stats());
+    }
+
+    /// `key` is still cached on `b` (read while it serves).
+    async fn still_cached(&self, k: &str) {
+        let serving = eventually(DEADLINE, || async { self.b.serving() }).await;
+        assert!(serving, "b does not serve");
+        assert_eq!(self.on_b.get(k).await.as_deref(), Some("v"), "{k} was dropped by a forgery");
+    }
+
+    /// A genuine invalidation of `k` by `a` reaches `b`.
+    async fn genuine(&self, k: &str) {
+        self.a
+            .invalidate(key(k))
+            .await
+            .expect("invalidate")
+            .published()
+            .await
+            .expect("accepted");
+        let gone = eventually(DEADLINE, || async { self.b.serving() && self.on_b.get(k).await.is_none() }).await;
+        assert!(gone, "a's genuine invalidation of {k} did not reach b: {:?}", self.b.stats());
+    }
+}
+
+/// Rows 1 and 2: a batch as `a` with a new epoch at seq 1, a batch and a heartbeat with `a`'s
+/// real epoch and a sequence 1,000 ahead. Before: every peer retired `a`'s real epoch (and then
+/// dropped its genuine batches as duplicates), or flushed and dropped the next 999.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_epochs_and_sequences_change_nothing() {
+    let p = Pair::start().await;
+    p.fill(&["k1", "k2", "k3"]).await;
+    // Let a publish once, so that its real epoch and sequence are known to b.
+    p.genuine("k0").await;
+    let real_epoch = p.a.epoch();
+    let real_seq = p.a.last_published_seq();
+
+    let mut new_epoch = RawPeer::connect(&p.server.url(), NS, "a").await;
+    new_epoch.send(vec![key("k1")]).await;
+    let mut ahead = RawPeer::connect(&p.server.url(), NS, "a")
+        .await
+        .with_epoch(real_epoch, real_seq + 1000);
+    ahead.send(vec![key("k2")]).await;
+    ahead.heartbeat(real_seq + 1000).await;
+    // Each arrives on both paths (NATS and the stream): at least 3 refusals.
+    p.refused(3).await;
+
+    p.still_cached("k1").await;
+    p.still_cached("k2").await;
+    p.genuine("k3").await;
+    let s = p.b.stats();
+    assert_eq!(s.repair_flushes, 0, "a forged sequence made b flush: {s:?}");
+    assert!(
+        p.b.peers().iter().any(|peer| peer.node_id == "a" && peer.epoch == real_epoch),
+        "b no longer tracks a's real epoch"
+    );
+}
+
+/// Row 3: a batch at exactly `a`'s next sequence, with `actor=ops` and a made-up purge id.
+/// Before: the genuine batch with that sequence was then dropped as a duplicate, and the audit
+/// showed the forgery. Now the genuine one lands and the stored forgery reads as unverified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_next_batch_does_not_suppress_the_genuine_one() {
+    let p = Pair::start().await;
+    p.fill(&["k1", "k2"]).await;
+    p.genuine("k0").await;
+    let mut forged = key("k1");
+    forged.actor = "ops".into();
+    forged.purge_id = "pg-forged".into();
+    let mut mallory = RawPeer::connect(&p.server.url(), NS, "a")
+        .await
+        .with_epoch(p.a.epoch(), p.a.last_published_seq() + 1);
+    mallory.send(vec![forged]).await;
+    p.refused(1).await;
+    p.genuine("k2").await;
+    p.still_cached("k1").await;
+
+    // The forgery is in the stream (anyone may publish on the subject), but the audit reads it
+    // as unverified.
+    let js = async_nats::jetstream::new(async_nats::connect(p.server.url()).await.expect("client"));
+    let stream = js.get_stream(format!("INVALBUS_{NS}")).await.expect("stream");
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("invalbus.{NS}.inv.a"),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let (mut forgery, mut genuine) = (None, 0);
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
+        let opened = p.b.open_batch(&m.payload).expect("a signed batch");
+        if opened.message.invalidations.iter().any(|i| i.purge_id == "pg-forged") {
+            forgery = Some(opened);
+        } else {
+            assert!(opened.trusted.is_ok(), "a genuine batch reads as unverified: {opened:?}");
+            genuine += 1;
+        }
+    }
+    let forgery = forgery.expect("the forged batch is in the stream");
+    assert!(forgery.trusted.is_err(), "the forgery reads as trusted: {forgery:?}");
+    assert_eq!(forgery.signer, mallory.identity().public_key());
+    assert!(genuine >= 2, "a's genuine batches are in the stream");
+}
+
+/// Row 4: two publishers with one origin name. A trusted key bound to another origin is refused
+/// as `a`; without a key list, the first key heard for a name keeps it while it is live, and a
+/// second live process with that name refuses to start (or, told to take over, is reported by
+/// both and refused by the peers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_publishers_cannot_share_an_origin() {
+    init_tracing();
+    // With a key list: m's key is trusted, for origin "m" only.
+    let server = NatsServer::start().await;
+    let (ka, km) = (Identity::generate(), Identity::generate());
+    let trust = policy(&[("a", &ka), ("m", &km)]);
+    let b = bus_builder(&server.url(), NS, "b")
+        .trust(trust.clone())
+        .build()
+        .await
+        .expect("b");
+    let on_b = b.cache::<String>("items", CacheConfig::new(100)).expect("cache");
+    on_b.get_or_load("k1", || async { Ok::<_, std::io::Error>(Loaded::new("v".to_string())) })
+        .await
+        .expect("load");
+    let mut m_as_a = RawPeer::connect(&server.url(), NS, "a").await.with_identity(km);
+    m_as_a.send(vec![key("k1")]).await;
+    let ok = eventually(DEADLINE, || async { b.stats().refused_untrusted >= 1 }).await;
+    assert!(ok, "a trusted key claiming another's origin was not refused: {:?}", b.stats());
+    assert_eq!(on_b.get("k1").await.as_deref(), Some("v"));
+
+    // Pinned on first use: "dup" is held by the first process's key.
+    let first = bus_builder(&server.url(), NS, "dup").build().await.expect("first dup");
+    let second = bus_builder(&server.url(), NS, "dup").build().await;
+    match second {
+        Err(invalbus::BuildError::Config(msg)) => assert!(msg.contains("in use"), "{msg}"),
+        other => panic!("a second live process with the node id started: {other:?}"),
+    }
+    let taken = bus_builder(&server.url(), NS, "dup")
+        .take_over(true)
+        .build()
+        .await
+        .expect("take over");
+    let reported = eventually(DEADLINE, || async {
+        first.stats().duplicate_node_ids > 0 && taken.stats().duplicate_node_ids > 0
+    })
+    .await;
+    assert!(reported, "both processes must report the duplicate");
+    // b keeps "dup" pinned to the first key while it is live: the second's batches are refused.
+    let before = b.stats().refused_untrusted;
+    let taken_cache = taken.cache::<String>("items", CacheConfig::new(10)).expect("cache");
+    taken_cache.invalidate_key("k1").await.expect("invalidate");
+    let ok = eventually(DEADLINE, || async { b.stats().refused_untrusted > before }).await;
+    assert!(ok, "b applied a batch of the second process with a pinned name");
+    assert_eq!(on_b.get("k1").await.as_deref(), Some("v"));
+    drop(trust);
+}
+
+/// Row 6: heartbeats from 10,000 made-up nodes, with the largest cache lists a heartbeat may
+/// carry. With a key list they are refused and the peer table does not move; without one the
+/// table stays within its bound and forgets silent peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ghost_heartbeats_leave_the_peer_table_bounded() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let ka = Identity::generate();
+    let strict = bus_builder(&server.url(), NS, "strict")
+        .trust(policy(&[("a", &ka)]))
+        .build()
+        .await
+        .expect("strict");
+    let lenient = bus_builder(&server.url(), NS, "lenient")
+        .peer_table(Duration::from_secs(2), 100)
+        .build()
+        .await
+        .expect("lenient");
+    let client = async_nats::connect(server.url()).await.expect("ghost client");
+    let caches: Vec<(String, u64)> = (0..invalbus::MAX_ANNOUNCED_CACHES)
+        .map(|i| (format!("{i:0>128}"), 1))
+        .collect();
+    for i in 0..10_000u64 {
+        let ghost = Identity::generate();
+        let hb = invalbus::Heartbeat {
+            origin: format!("ghost-{i}"),
+            epoch: i + 1,
+            last_seq: 0,
+            timestamp_us: invalbus::now_us(),
+            address: "x".repeat(invalbus::MAX_ADDRESS_BYTES),
+            namespace: NS.into(),
+            caches: caches.clone(),
+            writes_receipts: true,
+            beat: 1,
+        };
+        let payload = invalbus::seal(&ghost, invalbus::Kind::Heartbeat, invalbus::encode_heartbeat(&hb));
+        client
+            .publish(format!("invalbus.{NS}.hb.ghost-{i}"), payload)
+            .await
+            .expect("publish");
+    }
+    client.flush().await.expect("flush");
+    let counted = eventually(Duration::from_secs(60), || async {
+        strict.stats().refused_untrusted >= 10_000 && lenient.stats().heartbeats_received + lenient.stats().peers_refused >= 10_000
+    })
+    .await;
+    assert!(counted, "not every ghost was seen: strict {:?} lenient {:?}", strict.stats(), lenient.stats());
+    assert!(
+        strict.peers().iter().all(|p| !p.node_id.starts_with("ghost")),
+        "an untrusted heartbeat reached the peer table"
+    );
+    let s = lenient.stats();
+    assert!(s.peers <= 100, "the peer table grew past its bound: {s:?}");
+    // Silent ghosts expire.
+    let forgotten = eventually(DEADLINE, || async {
+        lenient.peers().iter().all(|p| !p.node_id.starts_with("ghost"))
+    })
+    .await;
+    assert!(forgotten, "silent peers did not expire");
+    let s = lenient.stats();
+    assert!(s.origins_tracked <= 100, "origins tracked without bound: {s:?}");
+}
+
+/// Messages without a signature, or with one that does not verify, are refused and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_and_tampered_messages_are_refused() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let b = bus_builder(&server.url(), NS, "b").build().await.expect("b");
+    let on_b = b.cache::<String>("items", CacheConfig::new(100)).expect("cache");
+    on_b.get_or_load("k1", || async { Ok::<_, std::io::Error>(Loaded::new("v".to_string())) })
+        .await
+        .expect("load");
+    let mut mallory = RawPeer::connect(&server.url(), NS, "m").await;
+    let batch = mallory.next_batch(vec![key("k1")]);
+    // Unsigned: the bare batch.
+    mallory
+        .publish_raw(&invalbus_tests::inv_subject(NS, "m"), invalbus::encode_batch(&batch))
+        .await;
+    // Tampered: signed, then one byte of the body changed.
+    let mut sealed = invalbus::seal(mallory.identity(), invalbus::Kind::Batch, invalbus::encode_batch(&batch)).to_vec();
+    let at = sealed.len() / 3;
+    sealed[at] ^= 0x20;
+    mallory
+        .publish_raw(&invalbus_tests::inv_subject(NS, "m"), sealed.into())
+        .await;
+    // Signed as a heartbeat, sent as a batch.
+    let wrong_kind = invalbus::seal(mallory.identity(), invalbus::Kind::Heartbeat, invalbus::encode_batch(&batch));
+    mallory
+        .publish_raw(&invalbus_tests::inv_subject(NS, "m"), wrong_kind)
+        .await;
+    let ok = eventually(DEADLINE, || async {
+        let s = b.stats();
+        s.refused_unsigned + s.malformed >= 3
+    })
+    .await;
+    assert!(ok, "{:?}", b.stats());
+    assert_eq!(on_b.get("k1").await.as_deref(), Some("v"));
+    assert_eq!(b.stats().batches_received, 0);
+}
+
+mod node {
+    use super::*;
+    use invalbus_node::pb::admin::admin_client::AdminClient;
+    use invalbus_node::pb::admin::{PurgeRequest, StatsRequest};
+    use invalbus_node::{config, Node, NodeConfig, ServeArgs};
+    use tonic::{Code, Request};
+
+    const OPS: &str = "ops-token-0123456789";
+    const FILE: &str = r#"
+[[tokens]]
+name = "ops"
+token = "ops-token-0123456789"
+roles = ["read", "purge"]
+[[caches]]
+name = "items"
+"#;
+
+    fn node_config(url: &str, node_id: &str, file: &str, insecure: bool) -> Result<NodeConfig, String> {
+        let file = config::parse(file)?;
+        let args = ServeArgs {
+            nats: Some(url.to_owned()),
+            namespace: Some(NS.to_owned()),
+            node_id: Some(node_id.to_owned()),
+            listen: Some("127.0.0.1:0".into()),
+            insecure,
+            ..Default::default()
+        };
+        NodeConfig::resolve(file, &args).map_err(|e| e.to_string())
+    }
+
+    fn authed<T>(msg: T, token: &str) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.metadata_mut().insert("authorization", token.parse().expect("ascii"));
+        r
+    }
+
+    /// Row 5: a receipt forged for a node that never applied the purge (here it drops the
+    /// batch, as a node frozen by SIGSTOP would never apply it). Before: `purge --wait` said
+    /// "every live node applied it". Now the forged receipt does not count, and the node is
+    /// listed missing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forged_receipt_does_not_satisfy_purge_wait() {
+        init_tracing();
+        let server = NatsServer::start_jetstream().await;
+        let n1 = Node::start(node_config(&server.url(), "n1", FILE, false).expect("config"))
+            .await
+            .expect("n1");
+        // The frozen node: alive (it heartbeats, so a waiting purge expects its receipt) but it
+        // will never apply the purge.
+        let frozen = bus_builder(&server.url(), NS, "frozen")
+            .jetstream(invalbus::JetStreamConfig::default())
+            .build()
+            .await
+            .expect("frozen");
+        frozen.cache::<String>("items", CacheConfig::new(10)).expect("cache");
+        frozen.drop_batches_for_tests(u64::MAX);
+        let known = eventually(DEADLINE, || async { n1.bus().peers().iter().any(|p| p.node_id == "frozen") }).await;
+        assert!(known, "n1 never heard of the frozen node");
+
+        // Mallory answers for it: a receipt for every batch of n1's next few sequences.
+        let mallory = Identity::generate();
+        let client = async_nats::connect(server.url()).await.expect("mallory");
+        let (epoch, next) = (n1.bus().epoch(), n1.bus().last_published_seq() + 1);
+        let forger = tokio::spawn(async move {
+            for _ in 0..50 {
+                for seq in next..next + 3 {
+                    let r = invalbus::Receipt {
+                        node: "frozen".into(),
+                        origin: "n1".into(),
+                        epoch,
+                        seq,
+                        applied_us: invalbus::now_us(),
+                        dropped: 42,
+                        invalidations: 1,
+                        ..Default::default()
+                    };
+                    let payload = invalbus::seal(&mallory, invalbus::Kind::Receipt, r.encode());
+                    let subject = invalbus::receipt_subject(NS, "n1", epoch, seq, "frozen");
+                    let _ = client.publish(subject, payload).await;
+                }
+                let _ = client.flush().await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let mut admin = AdminClient::connect(format!("http://{}", n1.addr())).await.expect("admin");
+        let reply = admin
+            .purge(authed(
+                PurgeRequest {
+                    keys: vec!["k1".into()],
+                    cache: "items".into(),
+                    reason: "forged receipt test".into(),
+                    wait: true,
+                    wait_timeout_ms: 3_000,
+                    ..Default::default()
+                },
+                &format!("Bearer {OPS}"),
+            ))
+            .await
+            .expect("purge")
+            .into_inner();
+        forger.abort();
+        assert!(
+            reply.missing_nodes.contains(&"frozen".to_string()),
+            "the forged receipt satisfied purge --wait: {reply:?}"
+        );
+        assert!(
+            reply.receipts.iter().all(|r| r.node != "frozen"),
+            "a forged receipt was listed: {reply:?}"
+        );
+        n1.shutdown().await;
+        frozen.shutdown().await;
+    }
+
+    /// `insecure` is for a node without tokens: with tokens configured it is a configuration
+    /// error (before, a call without a token then got every role).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn insecure_with_tokens_is_refused() {
+        let e = node_config("nats://127.0.0.1:1", "x", FILE, true).expect_err("insecure with tokens");
+        assert!(e.contains("insecure"), "{e}");
+    }
+
+    /// The bearer scheme is case-insensitive (RFC 6750).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_bearer_scheme_is_case_insensitive() {
+        init_tracing();
+        let server = NatsServer::start_jetstream().await;
+        let n = Node::start(node_config(&server.url(), "bearer", FILE, false).expect("config"))
+            .await
+            .expect("node");
+        let mut admin = AdminClient::connect(format!("http://{}", n.addr())).await.expect("admin");
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            admin
+                .stats(authed(StatsRequest {}, &format!("{scheme} {OPS}")))
+                .await
+                .unwrap_or_else(|e| panic!("{scheme}: {e}"));
+        }
+        let e = admin
+            .stats(authed(StatsRequest {}, &format!("Basic {OPS}")))
+            .await
+            .expect_err("another scheme");
+        assert_eq!(e.code(), Code::Unauthenticated);
+        n.shutdown().await;
+    }
+}
