@@ -12,8 +12,8 @@ use tokio::task::JoinHandle;
 use crate::apply::{apply_to, Applied, Applier, CacheEvent, PendingDrops};
 use crate::cache::{ApplyOutcome, FillOutcome, Lease, LoadError, Loaded, LocalCache};
 use crate::codec::{self, Batch, DecodeError, Invalidation, Target};
-use crate::identity::{Kind, Refusal};
 use crate::config::{CacheConfig, Limits};
+use crate::identity::{Kind, Refusal};
 use crate::metrics::{BusStats, CacheStats};
 use crate::peers::Peer;
 use crate::receipts::Receipt;
@@ -302,7 +302,9 @@ impl Bus {
 
     fn checked(&self, kind: Kind, env: &codec::Envelope, origin: &str) -> Result<crate::identity::Verified, Refusal> {
         let inner = &self.inner;
-        let verified = inner.trust.check(kind, &env.body, &env.signer, &env.signature, origin)?;
+        let verified = inner
+            .trust
+            .check(kind, &env.body, &env.signer, &env.signature, origin)?;
         let owner = if origin == inner.node_id {
             Some(inner.identity.public_key().to_owned())
         } else {
@@ -526,7 +528,6 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
         let lease = self.local.lease(key);
         Reservation {
             local: self.local.clone(),
-            bus: self.bus.inner.clone(),
             key: key.to_owned(),
             lease: Some(lease),
         }
@@ -583,7 +584,6 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
 /// A load of one key in progress outside `get_or_load`; dropping it abandons the load.
 pub struct Reservation<V: Clone + Send + Sync + 'static> {
     local: Arc<LocalCache<V>>,
-    bus: Arc<BusInner>,
     key: String,
     lease: Option<Arc<Lease>>,
 }
@@ -594,17 +594,15 @@ impl<V: Clone + Send + Sync + 'static> Reservation<V> {
         &self.key
     }
 
-    /// Caches the loaded value unless an invalidation covering it landed since the reservation
-    /// (or the node cannot vouch for its caches right now).
+    /// Caches the loaded value unless an invalidation covering it landed since the reservation.
+    ///
+    /// A fill while the node cannot vouch for its caches is safe to keep: reads do not use it
+    /// until the node has evidence again, and by then it has applied every invalidation accepted
+    /// before, which removes the entry if one covers it.
     pub async fn fill(mut self, loaded: Loaded<V>) -> FillOutcome {
         let Some(lease) = self.lease.take() else {
             return FillOutcome::Refused;
         };
-        if !self.bus.gate.serving() {
-            self.local.release(&self.key, &lease);
-            self.local.metrics.bypassed_reads.inc();
-            return FillOutcome::Refused;
-        }
         let outcome = self.local.fill(&self.key, &lease, loaded).await;
         self.local.release(&self.key, &lease);
         outcome
