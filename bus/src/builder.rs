@@ -590,7 +590,11 @@ impl BusBuilder {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tracing::info!(node = %bus.inner.node_id, ns = %bus.inner.namespace, epoch = bus.inner.epoch, transport = bus.inner.link.kind(), jetstream = bus.inner.durable.is_some(), "bus up");
+        if !bus.inner.trust.lists(bus.inner.identity.public_key()) {
+            tracing::warn!(node = %bus.inner.node_id, key = %bus.inner.identity.public_key(),
+                "this bus's key is not in its trust policy: peers with the same policy refuse its batches, heartbeats and receipts");
+        }
+        tracing::info!(node = %bus.inner.node_id, ns = %bus.inner.namespace, epoch = bus.inner.epoch, transport = bus.inner.link.kind(), jetstream = bus.inner.durable.is_some(), key = %bus.inner.identity.public_key(), "bus up");
         Ok(bus)
     }
 }

@@ -32,7 +32,9 @@ static BUS: LazyLock<(Bus, Identity)> = LazyLock::new(|| {
         let cache = bus.cache::<u8>("c", CacheConfig::new(100)).expect("cache");
         for k in ["k", "a:1", "a:2", "b"] {
             let _ = cache
-                .get_or_load(k, || async { Ok::<_, std::io::Error>(crate::Loaded::new(1u8).tag("t").version(3)) })
+                .get_or_load(k, || async {
+                    Ok::<_, std::io::Error>(crate::Loaded::new(1u8).tag("t").version(3))
+                })
                 .await;
         }
         (bus, Identity::generate())

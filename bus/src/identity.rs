@@ -322,8 +322,34 @@ impl Trust {
         Ok(verified)
     }
 
+    /// Checks the signature only (for this bus's own messages: its key is its own, whatever the
+    /// policy lists).
+    pub fn check_signature(&self, kind: Kind, body: &[u8], signer: &str, signature: &[u8]) -> Result<(), Refusal> {
+        let signature: [u8; 64] = signature
+            .try_into()
+            .map_err(|_| Refusal::BadSignature(format!("{} bytes, not 64", signature.len())))?;
+        let key = self.verifying_key(signer)?;
+        key.verify(&signed_bytes(kind, body), &Signature::from_bytes(&signature))
+            .map_err(|_| Refusal::BadSignature(format!("does not verify with {}", short(signer))))
+    }
+
+    /// Whether the policy lists `key` (always true when keys are pinned on first use).
+    pub fn lists(&self, key: &str) -> bool {
+        match &self.policy {
+            TrustPolicy::PinOnFirstUse => true,
+            TrustPolicy::Keys(_) => self.by_key.contains_key(key),
+        }
+    }
+
     /// Checks the signature and the policy (not the pins; changes nothing).
-    pub fn check(&self, kind: Kind, body: &[u8], signer: &str, signature: &[u8], origin: &str) -> Result<Verified, Refusal> {
+    pub fn check(
+        &self,
+        kind: Kind,
+        body: &[u8],
+        signer: &str,
+        signature: &[u8],
+        origin: &str,
+    ) -> Result<Verified, Refusal> {
         let trusted = match &self.policy {
             TrustPolicy::PinOnFirstUse => None,
             TrustPolicy::Keys(keys) => match self.by_key.get(signer) {
@@ -356,8 +382,8 @@ impl Trust {
         if let Some(k) = self.state().keys.get(signer) {
             return Ok(*k);
         }
-        let (prefix, raw) =
-            nkeys::from_public_key(signer).map_err(|e| Refusal::BadSignature(format!("signer {}: {e}", short(signer))))?;
+        let (prefix, raw) = nkeys::from_public_key(signer)
+            .map_err(|e| Refusal::BadSignature(format!("signer {}: {e}", short(signer))))?;
         let _ = prefix;
         let key = VerifyingKey::from_bytes(&raw)
             .map_err(|e| Refusal::BadSignature(format!("signer {}: {e}", short(signer))))?;

@@ -24,8 +24,8 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::apply::Applied;
 use crate::codec;
-use crate::identity::{Identity, Kind};
 use crate::codec::DecodeError;
+use crate::identity::{Identity, Kind};
 use crate::metrics::BusMetrics;
 
 /// Most receipts waiting for an acknowledgement, and most waiting for a sweep's count, at once;

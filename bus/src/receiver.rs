@@ -306,7 +306,9 @@ fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
         } else {
             // Another process with this node id: trusted by the policy (never by a pin: this
             // node's name is its own), it is a live duplicate to report.
-            let checked = inner.trust.check(Kind::Heartbeat, &env.body, &env.signer, &env.signature, &h.origin);
+            let checked = inner
+                .trust
+                .check(Kind::Heartbeat, &env.body, &env.signer, &env.signature, &h.origin);
             if checked.is_ok() {
                 inner.note_duplicate(h.epoch);
             }
@@ -334,7 +336,9 @@ fn own_signature(inner: &BusInner, kind: Kind, env: &codec::Envelope) -> Result<
             origin: inner.node_id.clone(),
         });
     }
-    inner.trust.check(kind, &env.body, &env.signer, &env.signature, &inner.node_id).map(|_| ())
+    inner
+        .trust
+        .check_signature(kind, &env.body, &env.signer, &env.signature)
 }
 
 /// Whether the signer may make every invalidation of the batch.

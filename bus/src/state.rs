@@ -158,6 +158,7 @@ impl VerifiedCache {
             }
         }
     }
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -220,9 +221,14 @@ impl BusInner {
 
     /// Records that another live process uses this node id.
     pub fn note_duplicate(&self, other_epoch: u64) {
-        self.duplicate_seen_ns.store(self.gate.now(), std::sync::atomic::Ordering::Release);
+        self.duplicate_seen_ns
+            .store(self.gate.now(), std::sync::atomic::Ordering::Release);
         self.metrics.duplicate_node_ids.inc();
-        if self.trust.should_log(&format!("{}#{other_epoch}", self.node_id), self.gate.now(), Duration::from_secs(10)) {
+        if self.trust.should_log(
+            &format!("{}#{other_epoch}", self.node_id),
+            self.gate.now(),
+            Duration::from_secs(10),
+        ) {
             tracing::error!(node = %self.node_id, epoch = self.epoch, other_epoch,
                 "another live process publishes heartbeats with this node id: two nodes share one name; give each its own node id");
         }

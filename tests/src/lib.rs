@@ -1001,7 +1001,8 @@ impl RawPeer {
     pub async fn publish_batch(&self, batch: &Batch) {
         let subject = inv_subject(&self.namespace, &self.origin);
         let body = invalbus::encode_batch(batch);
-        self.publish_raw(&subject, invalbus::seal(&self.identity, Kind::Batch, body)).await;
+        self.publish_raw(&subject, invalbus::seal(&self.identity, Kind::Batch, body))
+            .await;
     }
 
     /// Publishes the next batch of `invalidations`; returns its sequence.
@@ -1026,7 +1027,8 @@ impl RawPeer {
         };
         let subject = hb_subject(&self.namespace, &self.origin);
         let body = invalbus::encode_heartbeat(&hb);
-        self.publish_raw(&subject, invalbus::seal(&self.identity, Kind::Heartbeat, body)).await;
+        self.publish_raw(&subject, invalbus::seal(&self.identity, Kind::Heartbeat, body))
+            .await;
     }
 
     /// Publishes `payload` as is on `subject`, then flushes.

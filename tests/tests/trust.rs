@@ -80,14 +80,23 @@ impl Pair {
     /// Waits until `b` counted `n` refusals of untrusted messages.
     async fn refused(&self, n: u64) {
         let ok = eventually(DEADLINE, || async { self.b.stats().refused_untrusted >= n }).await;
-        assert!(ok, "b refused {} messages, expected {n}: {:?}", self.b.stats().refused_untrusted, self.b.stats());
+        assert!(
+            ok,
+            "b refused {} messages, expected {n}: {:?}",
+            self.b.stats().refused_untrusted,
+            self.b.stats()
+        );
     }
 
     /// `key` is still cached on `b` (read while it serves).
     async fn still_cached(&self, k: &str) {
         let serving = eventually(DEADLINE, || async { self.b.serving() }).await;
         assert!(serving, "b does not serve");
-        assert_eq!(self.on_b.get(k).await.as_deref(), Some("v"), "{k} was dropped by a forgery");
+        assert_eq!(
+            self.on_b.get(k).await.as_deref(),
+            Some("v"),
+            "{k} was dropped by a forgery"
+        );
     }
 
     /// A genuine invalidation of `k` by `a` reaches `b`.
@@ -99,8 +108,15 @@ impl Pair {
             .published()
             .await
             .expect("accepted");
-        let gone = eventually(DEADLINE, || async { self.b.serving() && self.on_b.get(k).await.is_none() }).await;
-        assert!(gone, "a's genuine invalidation of {k} did not reach b: {:?}", self.b.stats());
+        let gone = eventually(DEADLINE, || async {
+            self.b.serving() && self.on_b.get(k).await.is_none()
+        })
+        .await;
+        assert!(
+            gone,
+            "a's genuine invalidation of {k} did not reach b: {:?}",
+            self.b.stats()
+        );
     }
 }
 
@@ -132,7 +148,9 @@ async fn forged_epochs_and_sequences_change_nothing() {
     let s = p.b.stats();
     assert_eq!(s.repair_flushes, 0, "a forged sequence made b flush: {s:?}");
     assert!(
-        p.b.peers().iter().any(|peer| peer.node_id == "a" && peer.epoch == real_epoch),
+        p.b.peers()
+            .iter()
+            .any(|peer| peer.node_id == "a" && peer.epoch == real_epoch),
         "b no longer tracks a's real epoch"
     );
 }
@@ -174,7 +192,10 @@ async fn a_forged_next_batch_does_not_suppress_the_genuine_one() {
         if opened.message.invalidations.iter().any(|i| i.purge_id == "pg-forged") {
             forgery = Some(opened);
         } else {
-            assert!(opened.trusted.is_ok(), "a genuine batch reads as unverified: {opened:?}");
+            assert!(
+                opened.trusted.is_ok(),
+                "a genuine batch reads as unverified: {opened:?}"
+            );
             genuine += 1;
         }
     }
@@ -207,11 +228,30 @@ async fn two_publishers_cannot_share_an_origin() {
     let mut m_as_a = RawPeer::connect(&server.url(), NS, "a").await.with_identity(km);
     m_as_a.send(vec![key("k1")]).await;
     let ok = eventually(DEADLINE, || async { b.stats().refused_untrusted >= 1 }).await;
-    assert!(ok, "a trusted key claiming another's origin was not refused: {:?}", b.stats());
+    assert!(
+        ok,
+        "a trusted key claiming another's origin was not refused: {:?}",
+        b.stats()
+    );
     assert_eq!(on_b.get("k1").await.as_deref(), Some("v"));
 
-    // Pinned on first use: "dup" is held by the first process's key.
+    // Pinned on first use: "dup" is held by the first process's key (a watcher without a key
+    // list shows it).
+    let watcher = bus_builder(&server.url(), NS, "watcher")
+        .build()
+        .await
+        .expect("watcher");
+    let on_watcher = watcher.cache::<String>("items", CacheConfig::new(100)).expect("cache");
+    on_watcher
+        .get_or_load("k1", || async { Ok::<_, std::io::Error>(Loaded::new("v".to_string())) })
+        .await
+        .expect("load");
     let first = bus_builder(&server.url(), NS, "dup").build().await.expect("first dup");
+    let pinned = eventually(DEADLINE, || async {
+        watcher.peers().iter().any(|p| p.node_id == "dup")
+    })
+    .await;
+    assert!(pinned, "the watcher never heard the first dup");
     let second = bus_builder(&server.url(), NS, "dup").build().await;
     match second {
         Err(invalbus::BuildError::Config(msg)) => assert!(msg.contains("in use"), "{msg}"),
@@ -227,13 +267,17 @@ async fn two_publishers_cannot_share_an_origin() {
     })
     .await;
     assert!(reported, "both processes must report the duplicate");
-    // b keeps "dup" pinned to the first key while it is live: the second's batches are refused.
-    let before = b.stats().refused_untrusted;
+    // The watcher keeps "dup" pinned to the first key while it is live: the second's batches
+    // are refused.
+    let before = watcher.stats().refused_untrusted;
     let taken_cache = taken.cache::<String>("items", CacheConfig::new(10)).expect("cache");
     taken_cache.invalidate_key("k1").await.expect("invalidate");
-    let ok = eventually(DEADLINE, || async { b.stats().refused_untrusted > before }).await;
-    assert!(ok, "b applied a batch of the second process with a pinned name");
-    assert_eq!(on_b.get("k1").await.as_deref(), Some("v"));
+    let ok = eventually(DEADLINE, || async { watcher.stats().refused_untrusted > before }).await;
+    assert!(
+        ok,
+        "the watcher applied a batch of the second process with a pinned name"
+    );
+    assert_eq!(on_watcher.get("k1").await.as_deref(), Some("v"));
     drop(trust);
 }
 
@@ -280,10 +324,16 @@ async fn ghost_heartbeats_leave_the_peer_table_bounded() {
     }
     client.flush().await.expect("flush");
     let counted = eventually(Duration::from_secs(60), || async {
-        strict.stats().refused_untrusted >= 10_000 && lenient.stats().heartbeats_received + lenient.stats().peers_refused >= 10_000
+        strict.stats().refused_untrusted >= 10_000
+            && lenient.stats().heartbeats_received + lenient.stats().peers_refused >= 10_000
     })
     .await;
-    assert!(counted, "not every ghost was seen: strict {:?} lenient {:?}", strict.stats(), lenient.stats());
+    assert!(
+        counted,
+        "not every ghost was seen: strict {:?} lenient {:?}",
+        strict.stats(),
+        lenient.stats()
+    );
     assert!(
         strict.peers().iter().all(|p| !p.node_id.starts_with("ghost")),
         "an untrusted heartbeat reached the peer table"
@@ -317,14 +367,23 @@ async fn unsigned_and_tampered_messages_are_refused() {
         .publish_raw(&invalbus_tests::inv_subject(NS, "m"), invalbus::encode_batch(&batch))
         .await;
     // Tampered: signed, then one byte of the body changed.
-    let mut sealed = invalbus::seal(mallory.identity(), invalbus::Kind::Batch, invalbus::encode_batch(&batch)).to_vec();
+    let mut sealed = invalbus::seal(
+        mallory.identity(),
+        invalbus::Kind::Batch,
+        invalbus::encode_batch(&batch),
+    )
+    .to_vec();
     let at = sealed.len() / 3;
     sealed[at] ^= 0x20;
     mallory
         .publish_raw(&invalbus_tests::inv_subject(NS, "m"), sealed.into())
         .await;
     // Signed as a heartbeat, sent as a batch.
-    let wrong_kind = invalbus::seal(mallory.identity(), invalbus::Kind::Heartbeat, invalbus::encode_batch(&batch));
+    let wrong_kind = invalbus::seal(
+        mallory.identity(),
+        invalbus::Kind::Heartbeat,
+        invalbus::encode_batch(&batch),
+    );
     mallory
         .publish_raw(&invalbus_tests::inv_subject(NS, "m"), wrong_kind)
         .await;
@@ -394,7 +453,10 @@ name = "items"
             .expect("frozen");
         frozen.cache::<String>("items", CacheConfig::new(10)).expect("cache");
         frozen.drop_batches_for_tests(u64::MAX);
-        let known = eventually(DEADLINE, || async { n1.bus().peers().iter().any(|p| p.node_id == "frozen") }).await;
+        let known = eventually(DEADLINE, || async {
+            n1.bus().peers().iter().any(|p| p.node_id == "frozen")
+        })
+        .await;
         assert!(known, "n1 never heard of the frozen node");
 
         // Mallory answers for it: a receipt for every batch of n1's next few sequences.
@@ -422,7 +484,9 @@ name = "items"
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
-        let mut admin = AdminClient::connect(format!("http://{}", n1.addr())).await.expect("admin");
+        let mut admin = AdminClient::connect(format!("http://{}", n1.addr()))
+            .await
+            .expect("admin");
         let reply = admin
             .purge(authed(
                 PurgeRequest {
@@ -467,7 +531,9 @@ name = "items"
         let n = Node::start(node_config(&server.url(), "bearer", FILE, false).expect("config"))
             .await
             .expect("node");
-        let mut admin = AdminClient::connect(format!("http://{}", n.addr())).await.expect("admin");
+        let mut admin = AdminClient::connect(format!("http://{}", n.addr()))
+            .await
+            .expect("admin");
         for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
             admin
                 .stats(authed(StatsRequest {}, &format!("{scheme} {OPS}")))
