@@ -34,9 +34,12 @@
 //!
 //! # Layout
 //! Bottom to top; each module imports only modules above it in this list.
-//! - `codec`: the domain types ([`Invalidation`], [`Target`]) and their defensive encoding to
-//!   and from the wire schema of `invalbus-proto`, with the size limits of [`Limits`].
 //! - `config`: [`Limits`], [`CacheConfig`] and [`JetStreamConfig`].
+//! - `identity`: signing keys ([`Identity`]), what exactly is signed, and the trust policy
+//!   receivers check before anything else ([`TrustPolicy`]).
+//! - `codec`: the domain types ([`Invalidation`], [`Target`]), their defensive encoding to and
+//!   from the wire schema of `invalbus-proto` with the size limits of [`Limits`], and the signed
+//!   envelope ([`seal`], [`open`]).
 //! - `metrics`: striped counters and latency histograms, and their snapshots ([`BusStats`],
 //!   [`CacheStats`]).
 //! - `floors`: version floors, bounded, with an overflow sketch that never loses one.
@@ -46,8 +49,6 @@
 //!   an application leaves behind ([`Applied`], [`PendingDrops`], [`CacheEvent`]).
 //! - `transport`: the link to peers: a NATS connection, or an [`InProcessHub`] with the same
 //!   semantics for single-process use and tests.
-//! - `identity`: signing keys ([`Identity`]), the signed envelope, and the trust policy
-//!   receivers check before anything else ([`TrustPolicy`]).
 //! - `gate`: whether the caches may serve, from the freshest evidence, on a monotonic clock.
 //! - `origins`: per-origin sequence tracking on both paths (what was applied, what is lost).
 //! - `peers`: the peer table, bounded in size and age ([`Peer`]).
@@ -130,6 +131,19 @@
 //! is used up, so peers that missed it flush.
 //!
 //! **Restarts**: a restarted node has a new epoch; peers track it from its first batch.
+//!
+//! # Trust
+//! Every batch, heartbeat and receipt travels signed ([`seal`]) with its bus's Ed25519 key
+//! ([`BusBuilder::identity`]; NATS nkey format). A receiver checks the signature and the
+//! namespace's [`TrustPolicy`] ([`BusBuilder::trust`]: listed keys, each with its origins and
+//! scopes, or any key pinned to its origin name on first use) before the message touches
+//! sequence tracking, the peer table, the caches or the audit: a refused message changes no
+//! state and is counted ([`BusStats::refused_untrusted`] and its neighbours). So an origin's
+//! epoch and sequence can only move with messages signed by the key that holds the origin, and
+//! a forged receipt never counts ([`Bus::open_receipt`]). Two live processes with one node id
+//! are detected from each other's heartbeats; the later one refuses to start unless told to
+//! take over ([`BusBuilder::take_over`]). The peer table is bounded in size and age
+//! ([`BusBuilder::peer_table`]).
 
 mod apply;
 mod builder;
@@ -156,13 +170,14 @@ pub mod fuzzing;
 
 pub use apply::{Applied, CacheEvent, PendingDrops};
 pub use builder::BusBuilder;
-pub use identity::{Identity, KeyError, Kind, Refusal, Scopes, TrustPolicy, TrustedKey};
 pub use bus::{BuildError, Bus, Cache, CacheError, InvalidateError, Opened, Reservation, Ticket};
 pub use cache::{ApplyOutcome, FillOutcome, LoadError, Loaded};
 pub use codec::{
-    open, seal, Envelope, MAX_ADDRESS_BYTES, MAX_ANNOUNCED_CACHES, MAX_ANNOUNCED_NAME_BYTES, decode_batch, decode_heartbeat, encode_batch, encode_heartbeat, Batch, DecodeError, Heartbeat, Invalidation, Target,
+    decode_batch, decode_heartbeat, encode_batch, encode_heartbeat, open, seal, Batch, DecodeError, Envelope,
+    Heartbeat, Invalidation, Target, MAX_ADDRESS_BYTES, MAX_ANNOUNCED_CACHES, MAX_ANNOUNCED_NAME_BYTES,
 };
 pub use config::{CacheConfig, JetStreamConfig, Limits, DEFAULT_MAX_AGE};
+pub use identity::{Identity, KeyError, Kind, Refusal, Scopes, TrustPolicy, TrustedKey};
 pub use metrics::{BusStats, CacheStats, LatencySnapshot};
 pub use peers::Peer;
 pub use receipts::{all_receipts, receipt_subject, receipts_stream, Receipt};
