@@ -6,6 +6,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Signed(_message.Message):
+    __slots__ = ("body", "signer", "signature")
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    body: bytes
+    signer: str
+    signature: bytes
+    def __init__(self, body: _Optional[bytes] = ..., signer: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class InvalidationBatch(_message.Message):
     __slots__ = ("origin", "epoch", "seq", "timestamp_us", "invalidations", "namespace")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
