@@ -326,6 +326,15 @@ pub async fn stats(a: ClientArgs) -> Result<(), Error> {
         n.receipts_failed
     );
     println!(
+        "refused: {} unsigned, {} untrusted, {} beyond their scopes   peers {} ({} refused, table full)   duplicate node ids {}",
+        n.refused_unsigned,
+        n.refused_untrusted,
+        n.refused_unauthorized,
+        n.peers,
+        n.peers_refused,
+        n.duplicate_node_ids
+    );
+    println!(
         "propagation: n={} p50={} p99={} p99.9={} max={}",
         p.count,
         ms(p.p50_us),

@@ -122,6 +122,31 @@ pub fn render(state: &NodeState) -> String {
             node.refused_messages,
         ),
         (
+            "refused_unsigned_total",
+            "Messages refused for a missing or bad signature.",
+            node.refused_unsigned,
+        ),
+        (
+            "refused_untrusted_total",
+            "Messages refused: the trust policy does not let their signer publish as their origin.",
+            node.refused_untrusted,
+        ),
+        (
+            "refused_unauthorized_total",
+            "Batches refused: invalidations beyond their signer's scopes.",
+            node.refused_unauthorized,
+        ),
+        (
+            "duplicate_node_ids_total",
+            "Heartbeats of another live process using this node's id.",
+            node.duplicate_node_ids,
+        ),
+        (
+            "peers_refused_total",
+            "Heartbeats not recorded because the peer table was full.",
+            node.peers_refused,
+        ),
+        (
             "receipts_published_total",
             "Audit receipts written.",
             node.receipts_published,
@@ -141,6 +166,7 @@ pub fn render(state: &NodeState) -> String {
         "1 while the caches may serve reads.",
         u8::from(node.serving).to_string(),
     );
+    metric("peers", "gauge", "Peers in the peer table.", node.peers.to_string());
     let r = &state.auth.refusals;
     let _ = writeln!(
         out,

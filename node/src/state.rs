@@ -84,7 +84,19 @@ impl NodeState {
             repairs: s.repairs,
             repair_flushes: s.repair_flushes,
             duplicates: s.duplicates,
-            refused_messages: s.oversized + s.malformed + s.invalid + s.foreign,
+            refused_messages: s.oversized
+                + s.malformed
+                + s.invalid
+                + s.foreign
+                + s.refused_unsigned
+                + s.refused_untrusted
+                + s.refused_unauthorized,
+            refused_unsigned: s.refused_unsigned,
+            refused_untrusted: s.refused_untrusted,
+            refused_unauthorized: s.refused_unauthorized,
+            duplicate_node_ids: s.duplicate_node_ids,
+            peers: s.peers,
+            peers_refused: s.peers_refused,
             serving: s.serving,
             propagation: Some(Latency {
                 count: s.propagation.count,
