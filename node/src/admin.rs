@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use invalbus::{InvalidateError, Invalidation, Target};
-use prost::Message;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
@@ -31,7 +30,6 @@ const MAX_PAGE: u32 = 500;
 pub struct AdminService {
     state: Arc<NodeState>,
 }
-
 
 /// Most nodes in one ListNodes answer (a reply stays well under gRPC's 4 MiB).
 const MAX_NODES_PAGE: usize = 500;

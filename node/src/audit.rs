@@ -14,7 +14,6 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use invalbus::{Batch, Bus, Invalidation, Limits, Target};
-use prost::Message;
 use tokio::sync::{mpsc, watch};
 
 use crate::pb::admin::{AuditFilter, AuditInvalidation, AuditRecord, Receipt};

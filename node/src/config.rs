@@ -439,6 +439,12 @@ impl NodeConfig {
             trust,
             take_over: args.take_over,
         };
+        if matches!(config.trust, invalbus::TrustPolicy::Keys(_)) && config.key_file.is_none() {
+            // A key made at each start is in nobody's list: every peer would refuse this node.
+            return Err(ConfigError(
+                "[trust] mode = \"keys\" needs [identity] key_file (or --key-file): a key made at each start cannot be listed".into(),
+            ));
+        }
         Ok(config)
     }
 
@@ -542,5 +548,22 @@ mod tests {
         let e = NodeConfig::resolve(file, &ServeArgs::default()).unwrap_err();
         assert!(e.0.contains("at least 16"), "{e}");
         assert!(parse("[[tokens]]\nname = \"x\"\ntoken = \"0123456789abcdef\"\nroles = [\"root\"]").is_err());
+    }
+
+    #[test]
+    fn a_key_list_needs_a_key_file_and_insecure_no_tokens() {
+        let key = invalbus::Identity::generate().public_key().to_owned();
+        let keyed = format!("[trust]\nmode = \"keys\"\n[[trust.keys]]\nkey = \"{key}\"\n");
+        let e = NodeConfig::resolve(parse(&keyed).unwrap(), &ServeArgs::default()).unwrap_err();
+        assert!(e.0.contains("key_file"), "{e}");
+        let args = ServeArgs {
+            key_file: Some("/tmp/invalbus-test.nk".into()),
+            ..Default::default()
+        };
+        let c = NodeConfig::resolve(parse(&keyed).unwrap(), &args).unwrap();
+        assert!(matches!(c.trust, invalbus::TrustPolicy::Keys(ref k) if k.len() == 1));
+        let tokens = "insecure = true\n[[tokens]]\nname = \"x\"\ntoken = \"0123456789abcdef\"\nroles = [\"read\"]";
+        let e = NodeConfig::resolve(parse(tokens).unwrap(), &ServeArgs::default()).unwrap_err();
+        assert!(e.0.contains("insecure"), "{e}");
     }
 }
