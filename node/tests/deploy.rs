@@ -483,6 +483,8 @@ fn local_cluster_applies_purges_survives_a_lost_server_and_stops_cleanly() {
                 "--reason",
                 "from python",
                 "--ack",
+                "--key-file",
+                &get("INVALBUS_PUBLISHER_KEY_FILE"),
             ])
             .output()
             .unwrap();
@@ -512,6 +514,22 @@ fn local_cluster_applies_purges_survives_a_lost_server_and_stops_cleanly() {
         assert!(
             applied,
             "the Python batch never showed three receipts in the audit log: {last}"
+        );
+
+        // The namespace trusts listed keys only: the same publisher with a key of its own
+        // reaches the servers, and every node refuses its batch.
+        let before: Vec<u64> = (1..=3).map(|i| refused_untrusted(&env, i)).collect();
+        let o = Command::new(&python)
+            .arg(&script)
+            .args(["--nats", &get("INVALBUS_NATS_PUBLISHER_URL"), "--namespace", "blog"])
+            .args(["--tag", "author:7", "--origin", "py-stranger", "--ack"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "publish.py with a key of its own: {}", text(&o));
+        let refused = wait_until(DEADLINE, || (1..=3).all(|i| refused_untrusted(&env, i) > before[i - 1]));
+        assert!(
+            refused,
+            "a node applied a batch signed by a key the namespace does not list"
         );
 
         // Least privilege: the publisher can neither write receipts nor touch the JetStream
@@ -591,6 +609,22 @@ fn local_cluster_applies_purges_survives_a_lost_server_and_stops_cleanly() {
         text(&h)
     );
     eprintln!("local cluster test done in {:?}", started.elapsed());
+}
+
+/// `refused_untrusted` in node-`i`'s stats (0 if it does not answer).
+fn refused_untrusted(env: &[(String, String)], i: usize) -> u64 {
+    let port = env
+        .iter()
+        .find(|(k, _)| k == "INVALBUS_ADDR")
+        .map(|(_, v)| v.rsplit(':').next().unwrap().parse::<u16>().unwrap())
+        .unwrap();
+    let addr = format!("http://127.0.0.1:{}", port + (i as u16 - 1));
+    let o = node_cli(env, &["stats", "--json", "--addr", &addr]);
+    if !o.status.success() {
+        return 0;
+    }
+    let r: Json = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    r["node"]["refused_untrusted"].as_u64().unwrap_or(0)
 }
 
 fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
