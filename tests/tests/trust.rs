@@ -281,6 +281,38 @@ async fn two_publishers_cannot_share_an_origin() {
     drop(trust);
 }
 
+/// Publishes heartbeats of `n` made-up nodes (`ghost-00000`, ...), each signed by a key of its
+/// own and carrying the largest address and cache list a heartbeat may.
+async fn publish_ghosts(url: &str, n: u64) {
+    let client = async_nats::connect(url).await.expect("ghost client");
+    let caches: Vec<(String, u64)> = (0..invalbus::MAX_ANNOUNCED_CACHES)
+        .map(|i| (format!("{i:0>128}"), 1))
+        .collect();
+    for i in 0..n {
+        let hb = invalbus::Heartbeat {
+            origin: format!("ghost-{i:05}"),
+            epoch: i + 1,
+            last_seq: 0,
+            timestamp_us: invalbus::now_us(),
+            address: "x".repeat(invalbus::MAX_ADDRESS_BYTES),
+            namespace: NS.into(),
+            caches: caches.clone(),
+            writes_receipts: true,
+            beat: 1,
+        };
+        let payload = invalbus::seal(
+            &Identity::generate(),
+            invalbus::Kind::Heartbeat,
+            invalbus::encode_heartbeat(&hb),
+        );
+        client
+            .publish(format!("invalbus.{NS}.hb.ghost-{i:05}"), payload)
+            .await
+            .expect("publish");
+    }
+    client.flush().await.expect("flush");
+}
+
 /// Row 6: heartbeats from 10,000 made-up nodes, with the largest cache lists a heartbeat may
 /// carry. With a key list they are refused and the peer table does not move; without one the
 /// table stays within its bound and forgets silent peers.
@@ -299,30 +331,7 @@ async fn ghost_heartbeats_leave_the_peer_table_bounded() {
         .build()
         .await
         .expect("lenient");
-    let client = async_nats::connect(server.url()).await.expect("ghost client");
-    let caches: Vec<(String, u64)> = (0..invalbus::MAX_ANNOUNCED_CACHES)
-        .map(|i| (format!("{i:0>128}"), 1))
-        .collect();
-    for i in 0..10_000u64 {
-        let ghost = Identity::generate();
-        let hb = invalbus::Heartbeat {
-            origin: format!("ghost-{i}"),
-            epoch: i + 1,
-            last_seq: 0,
-            timestamp_us: invalbus::now_us(),
-            address: "x".repeat(invalbus::MAX_ADDRESS_BYTES),
-            namespace: NS.into(),
-            caches: caches.clone(),
-            writes_receipts: true,
-            beat: 1,
-        };
-        let payload = invalbus::seal(&ghost, invalbus::Kind::Heartbeat, invalbus::encode_heartbeat(&hb));
-        client
-            .publish(format!("invalbus.{NS}.hb.ghost-{i}"), payload)
-            .await
-            .expect("publish");
-    }
-    client.flush().await.expect("flush");
+    publish_ghosts(&server.url(), 10_000).await;
     let counted = eventually(Duration::from_secs(60), || async {
         strict.stats().refused_untrusted >= 10_000
             && lenient.stats().heartbeats_received + lenient.stats().peers_refused >= 10_000
@@ -400,7 +409,7 @@ async fn unsigned_and_tampered_messages_are_refused() {
 mod node {
     use super::*;
     use invalbus_node::pb::admin::admin_client::AdminClient;
-    use invalbus_node::pb::admin::{PurgeRequest, StatsRequest};
+    use invalbus_node::pb::admin::{ListNodesRequest, PurgeRequest, StatsRequest};
     use invalbus_node::{config, Node, NodeConfig, ServeArgs};
     use tonic::{Code, Request};
 
@@ -521,6 +530,60 @@ name = "items"
     async fn insecure_with_tokens_is_refused() {
         let e = node_config("nats://127.0.0.1:1", "x", FILE, true).expect_err("insecure with tokens");
         assert!(e.contains("insecure"), "{e}");
+    }
+
+    /// Row 6 through a node: 10,000 ghost heartbeats, each with the largest address and cache
+    /// list a heartbeat may carry, against a node with the development policy (any key, pinned):
+    /// the peer table stays within its bound, and `nodes` answers in pages that each stay far
+    /// below gRPC's 4 MiB (before, one answer of 50 MB failed).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ghost_heartbeats_leave_nodes_working() {
+        init_tracing();
+        let server = NatsServer::start().await;
+        let mut config = node_config(&server.url(), "host", FILE, false).expect("config");
+        config.jetstream.enabled = false;
+        let n = Node::start(config).await.expect("node");
+        publish_ghosts(&server.url(), 10_000).await;
+        let bus = n.bus();
+        let seen = eventually(Duration::from_secs(60), || async {
+            let s = bus.stats();
+            s.heartbeats_received + s.peers_refused >= 10_000
+        })
+        .await;
+        assert!(seen, "not every ghost was seen: {:?}", bus.stats());
+        let s = bus.stats();
+        assert!(s.peers <= 4096, "the peer table grew past its bound: {s:?}");
+        assert!(s.peers_refused > 0, "a full table refused nothing: {s:?}");
+
+        let mut admin = AdminClient::connect(format!("http://{}", n.addr()))
+            .await
+            .expect("admin");
+        // tonic's client refuses answers over 4 MiB, so each page that arrives is under that.
+        let (mut listed, mut pages, mut token) = (0usize, 0, String::new());
+        loop {
+            let reply = admin
+                .list_nodes(authed(
+                    ListNodesRequest {
+                        page_size: 0,
+                        page_token: token.clone(),
+                    },
+                    &format!("Bearer {OPS}"),
+                ))
+                .await
+                .expect("ListNodes")
+                .into_inner();
+            assert!(reply.nodes.len() <= 500, "a page of {} nodes", reply.nodes.len());
+            listed += reply.nodes.len();
+            pages += 1;
+            if reply.next_page_token.is_empty() {
+                break;
+            }
+            token = reply.next_page_token;
+            assert!(pages < 100, "ListNodes pages without end");
+        }
+        assert!(listed > 1 && listed <= 4097, "listed {listed} nodes");
+        assert!(pages > 1, "{listed} nodes in one page");
+        n.shutdown().await;
     }
 
     /// The bearer scheme is case-insensitive (RFC 6750).
