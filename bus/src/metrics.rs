@@ -214,6 +214,7 @@ pub(crate) struct BusMetrics {
     pub duplicate_node_ids: Counter,
     pub peers_refused: Counter,
     pub follower_rereads: Counter,
+    pub stream_erasures: Counter,
     pub refused_unsigned: Counter,
     pub refused_untrusted: Counter,
     pub refused_unauthorized: Counter,
@@ -273,6 +274,9 @@ pub struct BusStats {
     /// Times the stream follower read again from a hole (its consumer skipped a stored batch,
     /// or the leader could not say what the hole held).
     pub follower_rereads: u64,
+    /// Messages in the batch stream that erased stored batches (a `Nats-Rollup` header on a
+    /// batch subject, which invalbus never sends): the audit records before them are gone.
+    pub stream_erasures: u64,
     /// Messages refused for a missing or bad signature.
     pub refused_unsigned: u64,
     /// Messages refused because the trust policy does not let their signer publish as their
@@ -325,6 +329,7 @@ impl BusMetrics {
             duplicate_node_ids: self.duplicate_node_ids.get(),
             peers_refused: self.peers_refused.get(),
             follower_rereads: self.follower_rereads.get(),
+            stream_erasures: self.stream_erasures.get(),
             refused_unsigned: self.refused_unsigned.get(),
             refused_untrusted: self.refused_untrusted.get(),
             refused_unauthorized: self.refused_unauthorized.get(),

@@ -489,6 +489,7 @@ async fn on_streamed(inner: &BusInner, f: &mut Follower, msg: async_nats::jetstr
         return;
     }
     f.next = seq.saturating_add(1);
+    erasure(inner, &msg, seq);
     match decode(inner, msg.subject.as_str(), &msg.payload) {
         Some(Message::Batch(batch)) => {
             if own(inner, &batch.origin, batch.epoch) {
@@ -531,6 +532,27 @@ async fn on_streamed(inner: &BusInner, f: &mut Follower, msg: async_nats::jetstr
         Some(Message::Contested(origin)) => flush_contested(inner, &origin),
         None => {}
     }
+}
+
+/// Reports a message that erased stored batches: a `Nats-Rollup` header anywhere but on a
+/// heartbeat subject. invalbus never sends one, and the server honours it from any client that
+/// may publish on the stream's subjects (the stream must allow rollups for the heartbeats). This
+/// node had applied what was erased (the follower reads in order), so its caches are sound; the
+/// audit log's records are what is lost.
+fn erasure(inner: &BusInner, msg: &async_nats::jetstream::Message, seq: u64) {
+    let Some(rollup) = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_ROLLUP))
+    else {
+        return;
+    };
+    if matches!(inner.subjects.parse(msg.subject.as_str()), Some(("hb", _))) && rollup.as_str() == "sub" {
+        return;
+    }
+    inner.metrics.stream_erasures.inc();
+    tracing::error!(node = %inner.node_id, subject = %msg.subject, seq, rollup = rollup.as_str(),
+        "a message with a Nats-Rollup header erased stored batches of the stream: audit records before it are gone (give publish rights on the namespace only to trusted processes)");
 }
 
 /// Whether the follower may go on to `seq` from where it stands. Sequences it skipped must be

@@ -326,13 +326,14 @@ pub async fn stats(a: ClientArgs) -> Result<(), Error> {
         n.receipts_failed
     );
     println!(
-        "refused: {} unsigned, {} untrusted, {} beyond their scopes   peers {} ({} refused, table full)   duplicate node ids {}",
+        "refused: {} unsigned, {} untrusted, {} beyond their scopes   peers {} ({} refused, table full)   duplicate node ids {}   stream erasures {}",
         n.refused_unsigned,
         n.refused_untrusted,
         n.refused_unauthorized,
         n.peers,
         n.peers_refused,
-        n.duplicate_node_ids
+        n.duplicate_node_ids,
+        n.stream_erasures
     );
     println!(
         "propagation: n={} p50={} p99={} p99.9={} max={}",

@@ -142,6 +142,11 @@ pub fn render(state: &NodeState) -> String {
             node.duplicate_node_ids,
         ),
         (
+            "stream_erasures_total",
+            "Messages that erased stored batches of the stream (a Nats-Rollup header on a batch subject).",
+            node.stream_erasures,
+        ),
+        (
             "peers_refused_total",
             "Heartbeats not recorded because the peer table was full.",
             node.peers_refused,

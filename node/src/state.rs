@@ -97,6 +97,7 @@ impl NodeState {
             duplicate_node_ids: s.duplicate_node_ids,
             peers: s.peers,
             peers_refused: s.peers_refused,
+            stream_erasures: s.stream_erasures,
             serving: s.serving,
             propagation: Some(Latency {
                 count: s.propagation.count,

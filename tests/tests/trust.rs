@@ -205,6 +205,45 @@ async fn a_forged_next_batch_does_not_suppress_the_genuine_one() {
     assert!(genuine >= 2, "a's genuine batches are in the stream");
 }
 
+/// What signatures cannot stop: a `Nats-Rollup: all` header from any client that may publish on
+/// the namespace erases the batch stream (the server honours it because the stream allows
+/// rollups for the heartbeats). The nodes had applied what it erased, so they keep serving and
+/// keep applying genuine invalidations; each counts the erasure so that an operator sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_stream_is_reported_and_changes_nothing_else() {
+    let p = Pair::start().await;
+    p.fill(&["k0"]).await;
+    p.genuine("k0").await;
+    let client = async_nats::connect(p.server.url()).await.expect("mallory");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_ROLLUP, "all");
+    client
+        .publish_with_headers(format!("invalbus.{NS}.inv.mallory"), headers, "x".into())
+        .await
+        .expect("publish");
+    client.flush().await.expect("flush");
+    let seen = eventually(DEADLINE, || async {
+        p.a.stats().stream_erasures >= 1 && p.b.stats().stream_erasures >= 1
+    })
+    .await;
+    assert!(
+        seen,
+        "the erasure was not reported: a {:?} b {:?}",
+        p.a.stats(),
+        p.b.stats()
+    );
+    // (A follower that had not yet read a heartbeat stored just before the erasure finds it
+    // gone and flushes, which is sound too: so k2 is filled again after it.)
+    p.fill(&["k2"]).await;
+    let before = p.b.stats().invalidations_received;
+    p.genuine("k2").await;
+    assert!(
+        p.b.stats().invalidations_received > before,
+        "b did not apply a's invalidation after the erasure: {:?}",
+        p.b.stats()
+    );
+}
+
 /// Row 4: two publishers with one origin name. A trusted key bound to another origin is refused
 /// as `a`; without a key list, the first key heard for a name keeps it while it is live, and a
 /// second live process with that name refuses to start (or, told to take over, is reported by
