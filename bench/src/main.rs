@@ -436,7 +436,107 @@ fn single_batch_len() -> usize {
             invalbus::Target::Key("k100000".into()),
         )],
     };
-    invalbus::encode_batch(&b).len()
+    // The bytes on the wire: the batch in its signed envelope.
+    invalbus::seal(
+        &invalbus::Identity::generate(),
+        invalbus::Kind::Batch,
+        invalbus::encode_batch(&b),
+    )
+    .len()
+}
+
+/// The cost of signing one single-invalidation batch and of checking it, against ed25519-dalek
+/// signing and verifying the same bytes; alternated in rounds, the median kept.
+async fn signing(rounds: usize, n: usize, rows: &mut Vec<Row>) {
+    use ed25519_dalek::{Signer as _, Verifier as _};
+    let id = invalbus::Identity::generate();
+    // A receiver whose policy lists the signer for its name, as a production namespace does.
+    let hub = InProcessHub::new();
+    let bus = Bus::builder()
+        .in_process(&hub)
+        .namespace("bench")
+        .node_id("sig")
+        .trust(invalbus::TrustPolicy::Keys(vec![invalbus::TrustedKey {
+            key: id.public_key().to_owned(),
+            scopes: invalbus::Scopes::ALL,
+            origins: vec!["sig-origin".into()],
+        }]))
+        .build()
+        .await
+        .expect("in-process bus");
+    let b = invalbus::Batch {
+        origin: "sig-origin".into(),
+        epoch: 1,
+        seq: 1,
+        timestamp_us: now_us(),
+        namespace: "bench".into(),
+        invalidations: vec![invalbus::Invalidation::new(
+            Some("prop"),
+            invalbus::Target::Key("k100000".into()),
+        )],
+    };
+    let body = invalbus::encode_batch(&b);
+    let sealed = invalbus::seal(&id, invalbus::Kind::Batch, body.clone());
+    let sk = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    let vk = sk.verifying_key();
+    let sig = sk.sign(&body);
+    let per = |t: Instant| t.elapsed().as_nanos() as f64 / n as f64 / 1000.0;
+    let (mut seal, mut sign, mut open, mut verify) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(invalbus::seal(&id, invalbus::Kind::Batch, body.clone()));
+        }
+        seal.push(per(t));
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(sk.sign(&body));
+        }
+        sign.push(per(t));
+        let t = Instant::now();
+        for _ in 0..n {
+            let o = bus.open_batch(&sealed).expect("a sealed batch opens");
+            assert!(o.trusted.is_ok(), "a signed batch must check: {:?}", o.trusted);
+        }
+        open.push(per(t));
+        let t = Instant::now();
+        for _ in 0..n {
+            vk.verify(&body, &sig).expect("verifies");
+        }
+        verify.push(per(t));
+    }
+    let (seal, sign, open, verify) = (median(seal), median(sign), median(open), median(verify));
+    rows.push(row(
+        "signing: seal one batch (sign)",
+        seal,
+        sign,
+        "us",
+        seal / sign,
+        "report (raw = ed25519 sign)",
+        None,
+    ));
+    rows.push(row(
+        "signing: open and check one batch (verify)",
+        open,
+        verify,
+        "us",
+        open / verify,
+        "report (raw = ed25519 verify)",
+        None,
+    ));
+    // What one batch costs the machine when origin and peers share it, as in the propagation
+    // rows: the origin signs it, each of 3 peers checks it and signs its receipt.
+    let per_batch = seal + 3.0 * open + 3.0 * seal;
+    rows.push(row(
+        "signing: CPU per batch, origin + 3 peers in one process",
+        per_batch,
+        f64::NAN,
+        "us",
+        f64::NAN,
+        "report (1 seal, 3 checks, 3 receipts)",
+        None,
+    ));
+    bus.shutdown().await;
 }
 
 async fn propagation(url: &str, secs: u64, rows: &mut Vec<Row>) {
@@ -901,6 +1001,7 @@ async fn main() {
     hit_path(if q { 200_000 } else { 1_000_000 }, if q { 3 } else { 5 }, &mut rows).await;
     let server = NatsServer::start().await;
     let url = server.url();
+    signing(if q { 3 } else { 5 }, if q { 2_000 } else { 10_000 }, &mut rows).await;
     propagation(&url, if q { 2 } else { 10 }, &mut rows).await;
     throughput(&url, if q { 200_000 } else { 1_000_000 }, &mut rows).await;
     tag_purge(
