@@ -99,11 +99,11 @@ pub async fn tracking(secs: u64, flood_keys: usize, rows: &mut Vec<Row>) {
     ));
 }
 
-/// The invalbus value of the first row whose name starts with `prefix`, or NaN when that figure
-/// did not run (its row is then missing and the Redis row says so with a NaN ratio).
+/// The invalbus value of the first signed row whose name starts with `prefix`, or NaN when that
+/// figure did not run (its row is then missing and the Redis row says so with a NaN ratio).
 fn invalbus_value(rows: &[Row], prefix: &str) -> f64 {
     rows.iter()
-        .find(|r| r.name.starts_with(prefix))
+        .find(|r| r.name.starts_with(prefix) && !r.name.contains("UNSIGNED"))
         .map_or(f64::NAN, |r| r.invalbus)
 }
 
