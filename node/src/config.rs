@@ -262,6 +262,9 @@ pub struct FileConfig {
     pub caches: Vec<CacheEntryConfig>,
     /// Most targets in one purge (default 256).
     pub max_purge_targets: Option<usize>,
+    /// How long the caches keep serving past a heartbeat interval without fresh evidence
+    /// (default 1000; the staleness bound is the heartbeat interval plus this).
+    pub max_staleness_ms: Option<u64>,
     #[serde(default)]
     pub identity: IdentitySection,
     #[serde(default)]
@@ -321,6 +324,8 @@ pub struct NodeConfig {
     pub max_purge_targets: usize,
     /// Heartbeat interval of the bus.
     pub heartbeat_interval: Duration,
+    /// Serving without fresh evidence past a heartbeat interval.
+    pub max_staleness: Duration,
     /// The signing key's file, if any.
     pub key_file: Option<PathBuf>,
     /// The namespace's trust policy.
@@ -435,6 +440,7 @@ impl NodeConfig {
             caches,
             max_purge_targets: file.max_purge_targets.unwrap_or(256).max(1),
             heartbeat_interval: Duration::from_secs(1),
+            max_staleness: Duration::from_millis(file.max_staleness_ms.unwrap_or(1000).clamp(100, 60_000)),
             key_file: args.key_file.clone().or(file.identity.key_file),
             trust,
             take_over: args.take_over,

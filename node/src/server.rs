@@ -57,6 +57,7 @@ async fn join_bus(
             .namespace(config.namespace.clone())
             .address(advertise.to_owned())
             .heartbeat_interval(config.heartbeat_interval)
+            .max_staleness(config.max_staleness)
             // The node is where stream settings come from: it creates the streams and brings
             // them to its retention (service replicas only create missing ones).
             .manage_streams(true)

@@ -187,6 +187,7 @@ class Node:
         ttl_secs: int = 300,
         caches: tuple[str, ...] = ("default",),
         extra_toml: str = "",
+        max_staleness_ms: int | None = None,
     ) -> None:
         self.dir = workdir / node_id
         self.dir.mkdir(parents=True)
@@ -203,7 +204,8 @@ class Node:
         (self.dir / "node.toml").write_text(
             f'node_id = "{node_id}"\nnamespace = "{namespace}"\nlisten = "{self.address}"\n'
             f'read_listen = "{self.read_address}"\n'
-            f'[nats]\nurl = "{nats_url}"\n[jetstream]\nenabled = {"true" if jetstream else "false"}\n'
+            + (f"max_staleness_ms = {max_staleness_ms}\n" if max_staleness_ms is not None else "")
+            + f'[nats]\nurl = "{nats_url}"\n[jetstream]\nenabled = {"true" if jetstream else "false"}\n'
             f'[[tokens]]\nname = "pytest"\ntoken = "{TOKEN}"\nroles = ["cache", "read", "purge"]\n'
             + cache_tables
             + extra_toml

@@ -30,7 +30,11 @@ def main() -> int:
         return 2
     c = Cluster()
     try:
-        node = c.node("django-suite", ttl_secs=600)
+        # Django's suite checks the cache API, not coherence (the coherence checker does that):
+        # a read right after a write must hit. A node that briefly lacks fresh evidence (its
+        # heartbeat late through the stream on this busy machine) sends reads to the loader, which
+        # the suite would count as a failure, so this node may serve a little longer without it.
+        node = c.node("django-suite", ttl_secs=600, max_staleness_ms=5000)
         os.environ["INVALBUS_LOCATION"] = node.address
         os.environ["INVALBUS_TOKEN"] = TOKEN
         os.environ["INVALBUS_LOCAL_MAX_ENTRIES"] = "10000" if a.local else "0"
