@@ -140,12 +140,19 @@ pub async fn run(mut args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Err("--chaos needs a nats-server that the demo starts itself (none was found)".into());
     }
     let server = Arc::new(tokio::sync::Mutex::new(server));
-    let chaos = args
-        .chaos
-        .then(|| tokio::spawn(chaos(server.clone(), Duration::from_secs(args.seconds) / 3)));
+    // The fault comes a third of the way into the workload, once every node has joined (a node
+    // still joining when its server dies would fail to start, which is not what is tested).
+    let workload = Arc::new(tokio::sync::Notify::new());
+    let chaos = args.chaos.then(|| {
+        tokio::spawn(chaos(
+            server.clone(),
+            workload.clone(),
+            Duration::from_secs(args.seconds) / 3,
+        ))
+    });
     // The server is killed on every way out: normal end, error, or a signal.
     let outcome = tokio::select! {
-        r = demo(&args, &transport) => r,
+        r = demo(&args, &transport, &workload) => r,
         _ = interrupted() => Err("interrupted".into()),
     };
     if let Some(c) = chaos {
@@ -200,7 +207,11 @@ impl std::fmt::Display for Summary {
     }
 }
 
-async fn demo(args: &DemoArgs, transport: &Transport) -> Result<Summary, Box<dyn std::error::Error>> {
+async fn demo(
+    args: &DemoArgs,
+    transport: &Transport,
+    workload: &tokio::sync::Notify,
+) -> Result<Summary, Box<dyn std::error::Error>> {
     let n = args.nodes;
     // A namespace of its own, so that a shared server (`--nats`) can carry other traffic.
     let namespace = format!("demo-{:08x}", rand::random::<u32>());
@@ -252,6 +263,7 @@ async fn demo(args: &DemoArgs, transport: &Transport) -> Result<Summary, Box<dyn
 
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.seconds);
+    workload.notify_one();
     let mut workers = Vec::new();
     for w in 0..WRITERS {
         workers.push(tokio::spawn(writer(ctx.clone(), deadline, w as u64)));
@@ -1167,8 +1179,14 @@ impl NatsServer {
     }
 }
 
-/// The fault of `--chaos`: SIGKILL the server after `after`, restart it two seconds later.
-async fn chaos(server: Arc<tokio::sync::Mutex<Option<NatsServer>>>, after: Duration) {
+/// The fault of `--chaos`: SIGKILL the server `after` into the workload, restart it two seconds
+/// later.
+async fn chaos(
+    server: Arc<tokio::sync::Mutex<Option<NatsServer>>>,
+    workload: Arc<tokio::sync::Notify>,
+    after: Duration,
+) {
+    workload.notified().await;
     tokio::time::sleep(after).await;
     if let Some(s) = server.lock().await.as_mut() {
         let _ = s.child.kill().await;
