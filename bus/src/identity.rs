@@ -242,19 +242,6 @@ pub enum Refusal {
         /// The origin it claimed.
         origin: String,
     },
-    /// A key the policy accepts, for an origin whose name is pinned to another key heard within
-    /// the pin expiry (or with no room left to pin it). Unlike the refusals above, the policy
-    /// does not say the message is false: it may be a genuine node's, so a receiver that refuses
-    /// a batch for this reason cannot ignore it either, and flushes.
-    #[error("key {key} may not publish as {origin:?}: {why}")]
-    Pinned {
-        /// The signer.
-        key: String,
-        /// The origin it claimed.
-        origin: String,
-        /// Why the pin refused it.
-        why: &'static str,
-    },
     /// The key may not make this kind of invalidation, or write receipts.
     #[error("key {key} may not {what}")]
     NotAllowed {
@@ -417,21 +404,19 @@ impl Trust {
                 *seen = now_ns;
                 Ok(())
             }
-            Some((_, seen)) if now_ns.saturating_sub(*seen) <= self.pin_expiry_ns => Err(Refusal::Pinned {
+            Some((_, seen)) if now_ns.saturating_sub(*seen) <= self.pin_expiry_ns => Err(Refusal::WrongOrigin {
                 key: short(signer),
                 origin: origin.to_owned(),
-                why: "the name is pinned to another live key",
             }),
             _ => {
                 if state.pins.len() >= MAX_KEYS {
                     let expiry = self.pin_expiry_ns;
                     state.pins.retain(|_, (_, seen)| now_ns.saturating_sub(*seen) <= expiry);
                     if state.pins.len() >= MAX_KEYS {
-                        return Err(Refusal::Pinned {
-                            key: short(signer),
-                            origin: origin.to_owned(),
-                            why: "too many live origins pinned",
-                        });
+                        return Err(Refusal::Untrusted(format!(
+                            "{} (too many origins pinned)",
+                            short(signer)
+                        )));
                     }
                 }
                 state.pins.insert(origin.to_owned(), (signer.to_owned(), now_ns));
@@ -464,56 +449,4 @@ impl Trust {
 /// The first characters of a key, for logs.
 fn short(key: &str) -> String {
     key.chars().take(12).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SEC: u64 = 1_000_000_000;
-
-    fn verify(trust: &Trust, id: &Identity, origin: &str, now_ns: u64) -> Result<Verified, Refusal> {
-        let body = b"body";
-        let sig = id.sign(Kind::Batch, body);
-        trust.verify(Kind::Batch, body, id.public_key(), &sig, origin, now_ns)
-    }
-
-    #[test]
-    fn a_name_is_pinned_while_its_key_is_heard_and_a_contest_is_told_apart() {
-        let trust = Trust::new(TrustPolicy::PinOnFirstUse, Duration::from_secs(2));
-        let (first, second) = (Identity::generate(), Identity::generate());
-        assert!(verify(&trust, &first, "n", SEC).is_ok());
-        // Held: another key is refused as a contest (the receiver flushes), not as a forgery.
-        assert!(matches!(
-            verify(&trust, &second, "n", 2 * SEC),
-            Err(Refusal::Pinned { .. })
-        ));
-        // Heard again, the pin is kept past the first expiry.
-        assert!(verify(&trust, &first, "n", 2 * SEC).is_ok());
-        assert!(matches!(
-            verify(&trust, &second, "n", 3 * SEC),
-            Err(Refusal::Pinned { .. })
-        ));
-        // Silent for longer than the expiry: the name goes to the next key heard.
-        assert!(verify(&trust, &second, "n", 5 * SEC).is_ok());
-        assert_eq!(trust.pinned("n").as_deref(), Some(second.public_key()));
-        // A bad signature is a forgery whatever the pins say.
-        let sig = first.sign(Kind::Batch, b"other");
-        assert!(matches!(
-            trust.verify(Kind::Batch, b"body", first.public_key(), &sig, "m", 5 * SEC),
-            Err(Refusal::BadSignature(_))
-        ));
-    }
-
-    #[test]
-    fn a_full_pin_table_refuses_as_a_contest_until_pins_lapse() {
-        let trust = Trust::new(TrustPolicy::PinOnFirstUse, Duration::from_secs(2));
-        let id = Identity::generate();
-        for i in 0..MAX_KEYS {
-            assert!(verify(&trust, &id, &format!("o{i}"), SEC).is_ok());
-        }
-        assert!(matches!(verify(&trust, &id, "late", SEC), Err(Refusal::Pinned { .. })));
-        // Once the others lapse there is room again.
-        assert!(verify(&trust, &id, "late", 4 * SEC).is_ok());
-    }
 }

@@ -140,9 +140,7 @@
 //! sequence tracking, the peer table, the caches or the audit: a refused message changes no
 //! state and is counted ([`BusStats::refused_untrusted`] and its neighbours). So an origin's
 //! epoch and sequence can only move with messages signed by the key that holds the origin, and
-//! a forged receipt never counts ([`Bus::open_receipt`]). A batch from a key the policy accepts,
-//! refused only because another key holds the origin's name (first use), makes the receiver
-//! flush: it may be the genuine node's, so it is never ignored. Two live processes with one node id
+//! a forged receipt never counts ([`Bus::open_receipt`]). Two live processes with one node id
 //! are detected from each other's heartbeats; the later one refuses to start unless told to
 //! take over ([`BusBuilder::take_over`]). The peer table is bounded in size and age
 //! ([`BusBuilder::peer_table`]).

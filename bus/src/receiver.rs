@@ -208,7 +208,7 @@ fn count_untrusted(inner: &BusInner, origin: &str, what: &str, r: &Refusal) {
     let m = &inner.metrics;
     match r {
         Refusal::BadSignature(_) => m.refused_unsigned.inc(),
-        Refusal::Untrusted(_) | Refusal::WrongOrigin { .. } | Refusal::Pinned { .. } => m.refused_untrusted.inc(),
+        Refusal::Untrusted(_) | Refusal::WrongOrigin { .. } => m.refused_untrusted.inc(),
         Refusal::NotAllowed { .. } => m.refused_unauthorized.inc(),
     }
     if inner.trust.should_log(origin, inner.gate.now(), REFUSAL_LOG_INTERVAL) {
@@ -220,10 +220,6 @@ fn count_untrusted(inner: &BusInner, origin: &str, what: &str, r: &Refusal) {
 enum Message {
     Batch(Batch),
     Heartbeat(Heartbeat),
-    /// A batch of `origin` signed by a key the policy accepts but refused by the origin's pin:
-    /// it may be a genuine node's (a name taken over, or a genuine node whose name a forger
-    /// pinned first), so it is neither applied nor ignored: the receiver flushes.
-    Contested(String),
 }
 
 /// Opens a message's envelope, decodes it, checks that it was published on its origin's
@@ -285,9 +281,6 @@ fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
         };
         if let Err(r) = verdict {
             count_untrusted(inner, origin, "batch", &r);
-            if matches!(r, Refusal::Pinned { .. }) {
-                return Some(Message::Contested(b.origin));
-            }
             return None;
         }
         inner.verified().insert(id, env.signature, env.body);
@@ -418,17 +411,8 @@ async fn on_live(inner: &BusInner, subject: &str, payload: Bytes, echo: &mut Ech
                 }
             }
         }
-        Some(Message::Contested(origin)) => flush_contested(inner, &origin),
         None => {}
     }
-}
-
-/// A batch refused by its origin's pin cannot be applied, and may be a genuine node's: flush.
-fn flush_contested(inner: &BusInner, origin: &str) {
-    inner.flush_all(&format!(
-        "a batch of {origin} signed by another key than the one its name is pinned to (two processes with one \
-         name, or a name taken first by another key): it is not applied, so nothing it covers may be served"
-    ));
 }
 
 /// The live path's handling of one message, for the fuzz targets.
@@ -529,7 +513,6 @@ async fn on_streamed(inner: &BusInner, f: &mut Follower, msg: async_nats::jetstr
                 ));
             }
         }
-        Some(Message::Contested(origin)) => flush_contested(inner, &origin),
         None => {}
     }
 }
