@@ -357,12 +357,7 @@ impl Trust {
                 None => return Err(Refusal::Untrusted(short(signer))),
             },
         };
-        let signature: [u8; 64] = signature
-            .try_into()
-            .map_err(|_| Refusal::BadSignature(format!("{} bytes, not 64", signature.len())))?;
-        let key = self.verifying_key(signer)?;
-        key.verify(&signed_bytes(kind, body), &Signature::from_bytes(&signature))
-            .map_err(|_| Refusal::BadSignature(format!("does not verify with {}", short(signer))))?;
+        self.check_signature(kind, body, signer, signature)?;
         if let Some(t) = trusted {
             if !t.origins.is_empty() && !t.origins.iter().any(|o| o == origin) {
                 return Err(Refusal::WrongOrigin {
