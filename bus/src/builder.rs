@@ -418,7 +418,7 @@ impl BusBuilder {
         } else {
             Ownership::CreateOnly
         };
-        let (durable, follower) = match (&link, &self.jetstream) {
+        let (durable, follower, trimmed) = match (&link, &self.jetstream) {
             (Link::Nats(client), Some(config)) => {
                 let js = jetstream::ContextBuilder::new()
                     .timeout(config.ack_timeout)
@@ -426,7 +426,7 @@ impl BusBuilder {
                 let spec = StreamSpec {
                     name: stream::stream_name(&self.namespace),
                     subjects: vec![subjects.all_inv(), subjects.all_hb()],
-                    rollup: true,
+                    rollup: false,
                     config,
                 };
                 let s = stream::ensure_patiently(&js, &spec, ownership, deadline)
@@ -458,12 +458,14 @@ impl BusBuilder {
                         config: config.clone(),
                     }),
                     follower,
+                    // The nodes that manage the stream keep its heartbeats trimmed.
+                    (ownership == Ownership::Manage).then_some(s),
                 )
             }
             (Link::InProcess(_), Some(_)) => {
                 return Err(BuildError::Config("JetStream needs a NATS transport".into()));
             }
-            (_, None) => (None, None),
+            (_, None) => (None, None, None),
         };
         let (out_tx, out_rx) = mpsc::channel(self.outbound_queue);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -548,6 +550,17 @@ impl BusBuilder {
         tasks.push(tokio::spawn(
             heartbeats(inner.clone(), shutdown_rx.clone()).instrument(span.clone()),
         ));
+        if let Some(stream) = trimmed {
+            tasks.push(tokio::spawn(
+                stream::trim_heartbeats(
+                    stream,
+                    inner.subjects.all_hb(),
+                    inner.heartbeat_interval * stream::TRIM_EVERY_BEATS,
+                    shutdown_rx.clone(),
+                )
+                .instrument(span.clone()),
+            ));
+        }
         tasks.push(tokio::spawn(watchdog(inner.clone(), shutdown_rx).instrument(span)));
         let bus = Bus {
             inner,

@@ -104,8 +104,8 @@
 //! What it assumes: JetStream's commit order (Raft), and that no node's process is paused
 //! between a read's gate check and its return for longer than the rest of its window. What it
 //! costs: every node also reads every batch from the stream (deduplicated, applied only when
-//! NATS did not deliver it first); each node stores its heartbeat in the stream, rolled up to
-//! one message per node; and caches stop serving (reads go to the loader, nothing is cached)
+//! NATS did not deliver it first); each node stores its heartbeat in the stream (the nodes that
+//! manage the stream trim each node's to its latest every 30 intervals); and caches stop serving (reads go to the loader, nothing is cached)
 //! while the stream's quorum is unreachable from the node, for example during a leader election.
 //!
 //! A batch the stream never stored (its publish failed, so it was never accepted), a history

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use crate::codec::{self, Batch, Heartbeat, MAX_ANNOUNCED_CACHES, MAX_ANNOUNCED_NAME_BYTES};
 use crate::identity::Kind;
 use crate::state::{now_us, BusInner, Durable, Outgoing, Published};
-use crate::transport::{Link, PublishError};
+use crate::transport::PublishError;
 
 /// Batches queued invalidations into messages and publishes them, in order.
 ///
@@ -166,9 +166,9 @@ fn heartbeat(inner: &BusInner, beat: u64) -> Heartbeat {
 /// Publishes this node's heartbeat every interval, remembering when each beat left: its return
 /// (through the stream, or without one through NATS) is the node's evidence.
 ///
-/// With a stream the heartbeat is also stored in it, replacing this node's previous one
-/// (`Nats-Rollup: sub`): the stream then delivers it back in order, behind every batch stored
-/// before it.
+/// With a stream the heartbeat is also stored in it (the subject is the stream's): the stream
+/// then delivers it back in order, behind every batch stored before it. Old ones are trimmed by
+/// the nodes (`stream::trim_heartbeats`).
 pub(crate) async fn heartbeats(inner: Arc<BusInner>, mut shutdown: watch::Receiver<bool>) {
     let subject = inner.subjects.hb(&inner.node_id);
     let mut tick = tokio::time::interval(inner.heartbeat_interval);
@@ -184,17 +184,7 @@ pub(crate) async fn heartbeats(inner: Arc<BusInner>, mut shutdown: watch::Receiv
         // Taken before the publish: the evidence may not be later than the moment the
         // heartbeat could first have been stored.
         inner.beats().sent(beat, inner.gate.now());
-        let sent = match (&inner.link, &inner.durable) {
-            (Link::Nats(client), Some(_)) => {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert(async_nats::header::NATS_ROLLUP, "sub");
-                client
-                    .publish_with_headers(subject.clone(), headers, payload)
-                    .await
-                    .map_err(|e| PublishError::Transport(e.to_string()))
-            }
-            _ => inner.link.publish(subject.clone(), payload).await,
-        };
+        let sent = inner.link.publish(subject.clone(), payload).await;
         if let Err(e) = sent {
             tracing::debug!(error = %e, "heartbeat not published");
         }

@@ -30,7 +30,7 @@
 //! one, and say nothing about publishers that do not heartbeat (a Python publisher); the stream's
 //! last sequence asked of its leader costs a request per check and is answered by a deposed
 //! leader until it notices (a stale view, confidently); the heartbeat through the stream costs
-//! one stored message per node per interval, rolled up to one per node, and nothing per batch
+//! one stored message per node per interval, trimmed to one per node, and nothing per batch
 //! on the live path, so propagation keeps its one hop.
 //!
 //! Without a stream, the only path is the core subscription and the evidence is the node's own
@@ -518,10 +518,11 @@ async fn on_streamed(inner: &BusInner, f: &mut Follower, msg: async_nats::jetstr
 }
 
 /// Reports a message that erased stored batches: a `Nats-Rollup` header anywhere but on a
-/// heartbeat subject. invalbus never sends one, and the server honours it from any client that
-/// may publish on the stream's subjects (the stream must allow rollups for the heartbeats). This
-/// node had applied what was erased (the follower reads in order), so its caches are sound; the
-/// audit log's records are what is lost.
+/// heartbeat subject (where older invalbus nodes sent `sub`). invalbus never sends one and the
+/// stream refuses them, so this is seen only on a stream made by an older invalbus that no node
+/// of this version has updated yet, where the server honours one from any client that may
+/// publish on the stream's subjects. This node had applied what was erased (the follower reads
+/// in order), so its caches are sound; the audit log's records are what is lost.
 fn erasure(inner: &BusInner, msg: &async_nats::jetstream::Message, seq: u64) {
     let Some(rollup) = msg
         .headers
@@ -539,7 +540,7 @@ fn erasure(inner: &BusInner, msg: &async_nats::jetstream::Message, seq: u64) {
 }
 
 /// Whether the follower may go on to `seq` from where it stands. Sequences it skipped must be
-/// heartbeats rolled up since (harmless), or gone from the stream (flush); a batch skipped, or
+/// heartbeats trimmed since (harmless), or gone from the stream (flush); a batch skipped, or
 /// a leader that cannot say, makes it read again from the hole, and nothing after the hole is
 /// taken (so no evidence either) until then.
 async fn hole_checked(inner: &BusInner, f: &mut Follower, seq: u64) -> bool {

@@ -2,12 +2,16 @@
 //! them), the follower that reads the batch stream in order, and the check of what the stream
 //! still holds.
 //!
-//! The batch stream `INVALBUS_<ns>` keeps every batch (`invalbus.<ns>.inv.*`) and the latest
-//! heartbeat of each node (`invalbus.<ns>.hb.*`, rolled up per subject with `Nats-Rollup: sub`,
-//! so heartbeats cost one message per node, not one per second). Heartbeats are in it because
-//! they are the bus's evidence: a node's own heartbeat, delivered back by the stream in stream
-//! order, proves that the node has seen every batch the stream stored before it (see
-//! `receiver`).
+//! The batch stream `INVALBUS_<ns>` keeps every batch (`invalbus.<ns>.inv.*`) and the recent
+//! heartbeats of each node (`invalbus.<ns>.hb.*`). Heartbeats are in it because they are the
+//! bus's evidence: a node's own heartbeat, delivered back by the stream in stream order, proves
+//! that the node has seen every batch the stream stored before it (see `receiver`).
+//!
+//! The stream refuses `Nats-Rollup` headers: a rollup is allowed on every subject of a stream or
+//! on none, and one `Nats-Rollup: all` from any client that may publish a heartbeat would erase
+//! every stored batch. Old heartbeats are removed instead by the nodes that manage the stream
+//! ([`trim_heartbeats`]), with a purge that keeps each node's latest: a JetStream API call that
+//! the deployment's permissions grant to nodes only.
 
 use std::time::Duration;
 
@@ -105,7 +109,8 @@ fn api_code<E: ApiCode>(e: &E) -> Option<u64> {
 pub(crate) struct StreamSpec<'a> {
     pub name: String,
     pub subjects: Vec<String>,
-    /// Whether messages may roll up their subject (`Nats-Rollup: sub`).
+    /// Whether messages may roll up their subject (`Nats-Rollup`). The batch stream refuses them
+    /// (see the module docs); a stream that allows them is brought to refuse them by a node.
     pub rollup: bool,
     pub config: &'a JetStreamConfig,
 }
@@ -165,6 +170,8 @@ pub(crate) async fn ensure(
         .clone();
     let missing: Vec<&String> = want.subjects.iter().filter(|s| !have.subjects.contains(s)).collect();
     let lacks_rollup = want.allow_rollup && !have.allow_rollup;
+    // A stream made by an older invalbus allows rollups, which lets any publisher erase it.
+    let allows_rollup = !want.allow_rollup && have.allow_rollup;
     let retention_differs =
         have.max_age != want.max_age || have.max_bytes != want.max_bytes || have.num_replicas != want.num_replicas;
     match ownership {
@@ -191,15 +198,19 @@ pub(crate) async fn ensure(
                 tracing::info!(stream = %want.name, max_age_s = have.max_age.as_secs(), max_bytes = have.max_bytes, replicas = have.num_replicas,
                     "the stream exists with other retention settings; keeping them (the node that manages the stream decides)");
             }
+            if allows_rollup {
+                tracing::warn!(stream = %want.name,
+                    "the stream allows Nats-Rollup headers (made by an older invalbus): any client that may publish on it can erase its batches until an invalbus node (which manages the streams) starts and turns them off");
+            }
             Ok(existing)
         }
         Ownership::Manage => {
-            if missing.is_empty() && !lacks_rollup && !retention_differs {
+            if missing.is_empty() && !lacks_rollup && !allows_rollup && !retention_differs {
                 return Ok(existing);
             }
             let mut update = have.clone();
             update.subjects.extend(missing.into_iter().cloned());
-            update.allow_rollup |= want.allow_rollup;
+            update.allow_rollup = want.allow_rollup;
             update.max_age = want.max_age;
             update.max_bytes = want.max_bytes;
             update.num_replicas = want.num_replicas;
@@ -215,6 +226,79 @@ pub(crate) async fn ensure(
                 .map_err(|e| classify(&format!("stream {}", want.name), &e, api_code(&e)))
         }
     }
+}
+
+/// How many heartbeat intervals pass between two trims of the stream's heartbeats.
+pub(crate) const TRIM_EVERY_BEATS: u32 = 30;
+
+/// Removes old heartbeats from the batch stream every `every`, keeping the latest of each node,
+/// so that they cost one message per node rather than one per node and interval. Run by the
+/// nodes that manage the stream; several doing it at once is harmless. Until one runs, each
+/// node's heartbeats pile up to the stream's retention (one message per node and interval).
+///
+/// The holes a trim leaves in the stream's sequence hold no batch, and the follower's check of
+/// what its consumer skipped tells them apart from skipped batches.
+pub(crate) async fn trim_heartbeats(
+    stream: stream::Stream,
+    heartbeats: String,
+    every: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        match trim_once(&stream, &heartbeats).await {
+            Ok(purged) => {
+                if failing {
+                    tracing::info!(stream = %stream.cached_info().config.name, "trimming heartbeats works again");
+                }
+                failing = false;
+                tracing::debug!(purged, "old heartbeats trimmed from the stream");
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(stream = %stream.cached_info().config.name, error = %e,
+                    "cannot trim old heartbeats from the stream (does this node's NATS user lack $JS.API.STREAM.PURGE on it?); they pile up until retention removes them");
+            }
+            Err(e) => tracing::debug!(error = %e, "heartbeat trim failed again"),
+        }
+    }
+}
+
+/// One trim: every heartbeat subject that holds more than one message keeps its latest.
+/// Returns how many messages were removed.
+async fn trim_once(stream: &stream::Stream, heartbeats: &str) -> Result<u64, String> {
+    use futures::TryStreamExt as _;
+    let mut crowded = Vec::new();
+    let mut subjects = stream
+        .info_with_subjects(heartbeats)
+        .await
+        .map_err(|e| format!("list heartbeat subjects: {e}"))?;
+    while let Some((subject, count)) = subjects
+        .try_next()
+        .await
+        .map_err(|e| format!("list heartbeat subjects: {e}"))?
+    {
+        if count > 1 {
+            crowded.push(subject);
+        }
+    }
+    let mut purged = 0;
+    for subject in crowded {
+        let r = stream
+            .purge()
+            .filter(subject.as_str())
+            .keep(1)
+            .await
+            .map_err(|e| format!("purge {subject}: {e}"))?;
+        purged += r.purged;
+    }
+    Ok(purged)
 }
 
 /// Retries `ensure` on [`SetupError::Unavailable`] with backoff until `deadline`.
@@ -267,7 +351,7 @@ pub(crate) struct Follower {
 /// What a hole in the follower's sequence was.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Hole {
-    /// Only heartbeats were there (rolled up since): nothing to apply.
+    /// Only heartbeats were there (trimmed since): nothing to apply.
     Harmless,
     /// The stream no longer holds its start (retention passed, or the stream was purged):
     /// what was there is lost; it starts at `first`.

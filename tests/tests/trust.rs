@@ -205,43 +205,96 @@ async fn a_forged_next_batch_does_not_suppress_the_genuine_one() {
     assert!(genuine >= 2, "a's genuine batches are in the stream");
 }
 
-/// What signatures cannot stop: a `Nats-Rollup: all` header from any client that may publish on
-/// the namespace erases the batch stream (the server honours it because the stream allows
-/// rollups for the heartbeats). The nodes had applied what it erased, so they keep serving and
-/// keep applying genuine invalidations; each counts the erasure so that an operator sees it.
+/// What signatures alone could not stop: a `Nats-Rollup: all` header, from any client that may
+/// publish on the namespace, would erase the batch stream if the stream allowed rollups. It
+/// does not: the server refuses the message, the stream keeps every batch, and the nodes go on
+/// applying genuine invalidations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_erased_stream_is_reported_and_changes_nothing_else() {
+async fn a_rollup_cannot_erase_the_stream() {
     let p = Pair::start().await;
     p.fill(&["k0"]).await;
     p.genuine("k0").await;
     let client = async_nats::connect(p.server.url()).await.expect("mallory");
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js.get_stream(format!("INVALBUS_{NS}")).await.expect("the batch stream");
+    let before = stream.info().await.expect("stream info").state.messages;
+    assert!(before >= 1, "the stream holds a's batch");
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(async_nats::header::NATS_ROLLUP, "all");
-    client
+    let ack = js
         .publish_with_headers(format!("invalbus.{NS}.inv.mallory"), headers, "x".into())
         .await
         .expect("publish");
+    let refused = ack.await;
+    assert!(refused.is_err(), "the stream accepted a rollup: {refused:?}");
+    // The same through core NATS (no acknowledgement asked for) is dropped by the server too.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_ROLLUP, "all");
+    client
+        .publish_with_headers(format!("invalbus.{NS}.hb.mallory"), headers, "x".into())
+        .await
+        .expect("publish");
     client.flush().await.expect("flush");
-    let seen = eventually(DEADLINE, || async {
-        p.a.stats().stream_erasures >= 1 && p.b.stats().stream_erasures >= 1
-    })
-    .await;
-    assert!(
-        seen,
-        "the erasure was not reported: a {:?} b {:?}",
-        p.a.stats(),
-        p.b.stats()
-    );
-    // (A follower that had not yet read a heartbeat stored just before the erasure finds it
-    // gone and flushes, which is sound too: so k2 is filled again after it.)
     p.fill(&["k2"]).await;
-    let before = p.b.stats().invalidations_received;
+    let before_b = p.b.stats().invalidations_received;
     p.genuine("k2").await;
     assert!(
-        p.b.stats().invalidations_received > before,
-        "b did not apply a's invalidation after the erasure: {:?}",
+        p.b.stats().invalidations_received > before_b,
+        "b did not apply a's invalidation: {:?}",
         p.b.stats()
     );
+    let info = stream.info().await.expect("stream info").state.clone();
+    assert_eq!(info.first_sequence, 1, "the stream lost its first messages: {info:?}");
+    assert!(info.messages >= 2, "the stream lost batches: {info:?}");
+    assert_eq!(p.a.stats().stream_erasures + p.b.stats().stream_erasures, 0);
+}
+
+/// Heartbeats are stored in the batch stream (a node's evidence comes back through it), so the
+/// node that manages the stream trims them: each node's subject keeps its latest heartbeat,
+/// the rest go, and the nodes keep serving through the holes this leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_managing_node_trims_old_heartbeats() {
+    init_tracing();
+    let server = NatsServer::start_jetstream().await;
+    let js_config = invalbus::JetStreamConfig::default();
+    let node = bus_builder(&server.url(), NS, "node")
+        .jetstream(js_config.clone())
+        .manage_streams(true)
+        .build()
+        .await
+        .expect("node");
+    let service = bus_builder(&server.url(), NS, "service")
+        .jetstream(js_config)
+        .build()
+        .await
+        .expect("service");
+    let client = async_nats::connect(server.url()).await.expect("client");
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(format!("INVALBUS_{NS}")).await.expect("the batch stream");
+    assert!(!stream.cached_info().config.allow_rollup, "the batch stream allows rollups");
+    let counts = || async {
+        let mut counts = std::collections::HashMap::new();
+        let Ok(mut subjects) = stream.info_with_subjects(format!("invalbus.{NS}.hb.*")).await else {
+            return counts;
+        };
+        while let Some(Ok((subject, n))) = subjects.next().await {
+            counts.insert(subject, n);
+        }
+        counts
+    };
+    // Heartbeats pile up between trims (every 30 intervals: 6 s here)...
+    let piled = eventually(DEADLINE, || async { counts().await.values().any(|n| *n >= 5) }).await;
+    assert!(piled, "heartbeats never piled up: {:?}", counts().await);
+    // ...and the next trim leaves each node's latest few.
+    let trimmed = eventually(Duration::from_secs(30), || async {
+        let c = counts().await;
+        c.len() == 2 && c.values().all(|n| *n <= 3)
+    })
+    .await;
+    assert!(trimmed, "old heartbeats were not trimmed: {:?}", counts().await);
+    let serving = eventually(DEADLINE, || async { node.serving() && service.serving() }).await;
+    assert!(serving, "a node stopped serving after the trim");
+    assert_eq!(node.stats().repair_flushes + service.stats().repair_flushes, 0);
 }
 
 /// Row 4: two publishers with one origin name. A trusted key bound to another origin is refused
