@@ -7,6 +7,9 @@
 //!   propagation figure (same rate, same duration), and
 //! - keys per second delivered to each reader while the writer pipelines `SET`s as fast as it can.
 //!
+//! Both run in the same rounds as the invalbus figures they stand beside, alternating with them,
+//! so that drift on a shared machine touches both sides alike.
+//!
 //! The RESP3 client is ours rather than a crate's: the bench needs only the handful of frame types
 //! that `HELLO 3`, `CLIENT TRACKING`, `SET` and invalidation pushes use, and a client crate would
 //! put its own buffering and dispatch between the socket and the timestamp we take.
@@ -21,10 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use super::{now_us, row, Row};
+use super::now_us;
 
-/// The paced rate of the latency measurement; the invalbus row it is compared with uses the same.
-const RATE: u64 = 5_000;
 /// Tracking readers, as many as the invalbus propagation figure has peers.
 const READERS: usize = 3;
 /// Every key the writer sets starts with this; the readers track it with `BCAST PREFIX`.
@@ -32,87 +33,66 @@ const PREFIX: &str = "k";
 /// A reader or the writer that hears nothing for this long gives up (a lost push, a dead server).
 const IDLE: Duration = Duration::from_secs(5);
 
-/// Adds the Redis tracking rows next to the invalbus rows already in `rows` (propagation p50/p99
-/// at 5,000/s and absent-key throughput), or prints why it skipped this peer and adds none.
-///
-/// The latency phase runs for `secs` at 5,000/s; the flood phase pipelines `flood_keys` `SET`s.
-pub async fn tracking(secs: u64, flood_keys: usize, rows: &mut Vec<Row>) {
-    let Some(bin) = redis_server_bin() else {
-        println!("  (redis tracking: skipped this peer, no redis-server on PATH or at /usr/bin/redis-server)");
-        return;
-    };
-    let server = match RedisServer::start(&bin).await {
-        Ok(s) => s,
-        Err(e) => {
-            println!(
-                "  (redis tracking: skipped this peer, {} did not start: {e})",
-                bin.display()
-            );
-            return;
-        }
-    };
-    let measured = async {
-        let latency = latency(server.port, RATE, secs).await?;
-        let rate = flood(server.port, flood_keys).await?;
-        Ok::<_, RespError>((latency, rate))
-    }
-    .await;
-    drop(server);
-    let (latency, redis_rate) = match measured {
-        Ok(m) => m,
-        Err(e) => {
-            println!("  (redis tracking: skipped this peer, measurement failed: {e})");
-            return;
-        }
-    };
-    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
-        // The invalbus side is the propagation row this run already measured at the same rate with
-        // the same fan-out, read back from `rows` so that the propagation code needs no change.
-        let ours = invalbus_value(rows, &format!("propagation {name}, 3 peers, {RATE}/s"));
-        let redis = latency.value_at_quantile(q) as f64;
-        let (goal, met) = match name {
-            "p99" => (
-                "below Redis tracking p99",
-                comparable(ours, redis).then_some(ours < redis),
-            ),
-            _ => ("-", None),
+/// The bench's own `redis-server` with tracking readers, measured in the same alternation as the
+/// invalbus rows it stands beside (see `propagation` and `throughput` in main.rs).
+pub struct Tracking {
+    server: RedisServer,
+    /// Set once a measurement failed: the rows then say so rather than mix in a partial figure.
+    failed: bool,
+}
+
+impl Tracking {
+    /// Starts the server, or prints why this peer is skipped and returns `None`.
+    pub async fn start() -> Option<Tracking> {
+        let Some(bin) = redis_server_bin() else {
+            println!("  (redis tracking: skipped this peer, no redis-server on PATH or at /usr/bin/redis-server)");
+            return None;
         };
-        rows.push(row(
-            format!("redis tracking: SET to push at {READERS} readers {name}, {RATE}/s"),
-            ours,
-            redis,
-            "us",
-            ours / redis,
-            goal,
-            met,
-        ));
+        match RedisServer::start(&bin).await {
+            Ok(server) => Some(Tracking { server, failed: false }),
+            Err(e) => {
+                println!(
+                    "  (redis tracking: skipped this peer, {} did not start: {e})",
+                    bin.display()
+                );
+                None
+            }
+        }
     }
-    let ours = invalbus_value(rows, "throughput: absent keys, keys/s at each of 3 peers");
-    rows.push(row(
-        format!("redis tracking: keys/s per reader, {READERS} readers"),
-        ours,
-        redis_rate,
-        "keys/s",
-        redis_rate / ours,
-        "report (invalbus = absent keys)",
-        None,
-    ));
-}
 
-/// The invalbus value of the first signed row whose name starts with `prefix`, or NaN when that
-/// figure did not run (its row is then missing and the Redis row says so with a NaN ratio).
-fn invalbus_value(rows: &[Row], prefix: &str) -> f64 {
-    rows.iter()
-        .find(|r| r.name.starts_with(prefix) && !r.name.contains("UNSIGNED"))
-        .map_or(f64::NAN, |r| r.invalbus)
-}
+    /// A writer's `SET` to the `invalidate` push at all readers, paced at `rate` for `secs`.
+    pub async fn latency(&mut self, rate: u64, secs: u64) -> Option<hdrhistogram::Histogram<u64>> {
+        if self.failed {
+            return None;
+        }
+        match latency(self.server.port, rate, secs).await {
+            Ok(h) => Some(h),
+            Err(e) => {
+                println!("  (redis tracking: latency measurement failed: {e})");
+                self.failed = true;
+                None
+            }
+        }
+    }
 
-fn comparable(a: f64, b: f64) -> bool {
-    a.is_finite() && b.is_finite()
+    /// Keys per second delivered to the slowest reader while a writer pipelines `n` `SET`s.
+    pub async fn flood(&mut self, n: usize) -> Option<f64> {
+        if self.failed {
+            return None;
+        }
+        match flood(self.server.port, n).await {
+            Ok(rate) => Some(rate),
+            Err(e) => {
+                println!("  (redis tracking: flood measurement failed: {e})");
+                self.failed = true;
+                None
+            }
+        }
+    }
 }
 
 /// `redis-server` on PATH, else Debian's `/usr/bin/redis-server`.
-fn redis_server_bin() -> Option<PathBuf> {
+pub(crate) fn redis_server_bin() -> Option<PathBuf> {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
@@ -123,15 +103,15 @@ fn redis_server_bin() -> Option<PathBuf> {
 
 /// A `redis-server` child process on a loopback port, without persistence, killed and reaped on
 /// drop so that no server outlives the bench.
-struct RedisServer {
+pub(crate) struct RedisServer {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl RedisServer {
     /// Starts `bin` on a free port and waits until it answers `PING`; retries on a fresh port when
     /// another process took the port between our probe and the server's bind.
-    async fn start(bin: &Path) -> Result<RedisServer, RespError> {
+    pub(crate) async fn start(bin: &Path) -> Result<RedisServer, RespError> {
         let mut last = RespError::Protocol("not started".into());
         for _ in 0..3 {
             let port = invalbus_tests::free_port();
@@ -235,7 +215,7 @@ async fn latency(port: u16, rate: u64, secs: u64) -> Result<hdrhistogram::Histog
             }
         }
     }
-    let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("3 significant digits is valid");
+    let mut h = super::histogram();
     for (lat, n) in worst.into_iter().zip(complete) {
         if n == READERS {
             h.saturating_record(lat.max(1));
@@ -319,7 +299,7 @@ enum Frame {
 
 /// What went wrong talking to the bench's Redis.
 #[derive(Debug)]
-enum RespError {
+pub(crate) enum RespError {
     Io(std::io::Error),
     /// Bytes that are not RESP3, or a reply this bench did not expect.
     Protocol(String),

@@ -884,6 +884,9 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             flushes: m.flushes.get(),
             floor_overflow_refusals: m.floor_overflow_refusals.get(),
             floors_overflowed: self.floors.overflowed.load(Ordering::Relaxed),
+            tag_records: self.tags.read().unwrap_or_else(|e| e.into_inner()).len() as u64,
+            prefix_records: self.prefixes.read().unwrap_or_else(|e| e.into_inner()).len() as u64,
+            tag_sets: self.interned.lock().unwrap_or_else(|e| e.into_inner()).len() as u64,
         }
     }
 
@@ -1033,14 +1036,30 @@ async fn maintain<V: Clone + Send + Sync + 'static>(cache: Weak<LocalCache<V>>) 
             }
         };
         let Some(c) = cache.upgrade() else { return };
+        let mut rest = Duration::ZERO;
         if notified {
+            let started = Instant::now();
             let removed = c.sweep().await;
             tracing::debug!(cache = %c.name, removed, "sweep after purge");
+            rest = (started.elapsed() * SWEEP_REST_FACTOR).min(MAX_SWEEP_REST);
         }
         c.prune_records(Instant::now());
         c.prune_tag_sets();
+        drop(c);
+        if !rest.is_zero() {
+            // Purges took effect through their records already; a sweep only reclaims memory
+            // and completes counts. Steady purges would otherwise keep a scan of the whole cache
+            // running: resting this many times the last scan caps sweeping at a tenth of a core
+            // per cache. Purges that arrive meanwhile are swept together afterwards.
+            tokio::time::sleep(rest).await;
+        }
     }
 }
+
+/// After a sweep, the maintenance task rests this many times as long as the sweep took.
+const SWEEP_REST_FACTOR: u32 = 9;
+/// The longest rest after a sweep (so that counts for receipts are never held back long).
+const MAX_SWEEP_REST: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

@@ -172,6 +172,13 @@ pub struct CacheStats {
     /// Floors moved out of the exact table because more keys were invalidated by version
     /// within a window than it holds.
     pub floors_overflowed: u64,
+    /// Tag purge records kept to refuse fills that a purge overtook (pruned once no live entry
+    /// can predate them).
+    pub tag_records: u64,
+    /// Prefix purge records kept for the same reason (at most 1,024).
+    pub prefix_records: u64,
+    /// Distinct tag sets interned for the entries held.
+    pub tag_sets: u64,
 }
 
 impl CacheStats {

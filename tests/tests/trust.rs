@@ -271,7 +271,10 @@ async fn a_managing_node_trims_old_heartbeats() {
     let client = async_nats::connect(server.url()).await.expect("client");
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream(format!("INVALBUS_{NS}")).await.expect("the batch stream");
-    assert!(!stream.cached_info().config.allow_rollup, "the batch stream allows rollups");
+    assert!(
+        !stream.cached_info().config.allow_rollup,
+        "the batch stream allows rollups"
+    );
     let counts = || async {
         let mut counts = std::collections::HashMap::new();
         let Ok(mut subjects) = stream.info_with_subjects(format!("invalbus.{NS}.hb.*")).await else {
