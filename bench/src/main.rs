@@ -728,8 +728,10 @@ async fn throughput(
     redis: &mut Option<redis::Tracking>,
     rows: &mut Vec<Row>,
 ) {
-    let ks = Arc::new(keys(n));
     for (present, signed) in configs.iter().copied() {
+        // Present keys cost a removal each on both sides: a fifth as many keep the run short.
+        let n = if present { n / 5 } else { n };
+        let ks = Arc::new(keys(n));
         let origin = nats_bus_signed(url, &format!("t-origin-{present}-{signed}"), signed).await;
         let cache: Cache<Bytes> = origin.cache("tp", CacheConfig::new(2 * n as u64)).unwrap();
         let mut peers = Vec::new();
@@ -872,9 +874,9 @@ async fn raw_apply_throughput(url: &str, keys: &Arc<Vec<String>>, messages: usiz
                 }
             }
             raw.run_pending_tasks().await;
-            assert!(!present || raw.entry_count() == 0, "the raw twin kept keys");
+            let kept = if present { raw.entry_count() } else { 0 };
             drop(c);
-            Instant::now()
+            (n, kept, Instant::now())
         }));
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -885,8 +887,19 @@ async fn raw_apply_throughput(url: &str, keys: &Arc<Vec<String>>, messages: usiz
     publisher.flush().await.ok();
     let mut worst = f64::INFINITY;
     for t in tasks {
-        if let Ok(end) = t.await {
-            worst = worst.min(keys.len() as f64 / end.duration_since(start).as_secs_f64());
+        match t.await {
+            Ok((n, 0, end)) if n == payloads.len() => {
+                worst = worst.min(keys.len() as f64 / end.duration_since(start).as_secs_f64());
+            }
+            Ok((n, kept, _)) => {
+                // A twin that lost messages would look faster than it is: no figure then.
+                println!(
+                    "  (raw twin: a subscriber got {n} of {} messages and kept {kept} keys; no raw figure this round)",
+                    payloads.len()
+                );
+                worst = f64::NAN;
+            }
+            Err(_) => worst = f64::NAN,
         }
     }
     worst
