@@ -1043,79 +1043,80 @@ fn plot(
         let grey = RGBColor(255, 140, 0);
 
         let rss: Vec<(f64, f64)> = samples.iter().map(|s| (s.t_s, mib(s.rss))).collect();
-        let y_max = rss.iter().map(|p| p.1).fold(1.0, f64::max) * 1.15;
-        let mut chart = ChartBuilder::on(&panels[0])
-            .caption("process RSS", ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
-        chart
-            .configure_mesh()
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .x_desc("time (s)")
-            .y_desc("RSS (MiB)")
-            .draw()?;
-        chart
-            .draw_series(LineSeries::new(rss, BLUE.stroke_width(2)))?
-            .label("RSS")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-        chart
-            .draw_series(LineSeries::new(vec![(warm, 0.0), (warm, y_max)], grey))?
-            .label("end of warm-up")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()?;
-
-        let p99: Vec<(f64, f64)> = samples
-            .iter()
-            .filter(|s| s.traced > 0)
-            .map(|s| (s.t_s, s.p99_us as f64 / 1000.0))
-            .collect();
-        let p50: Vec<(f64, f64)> = samples
-            .iter()
-            .filter(|s| s.traced > 0)
-            .map(|s| (s.t_s, s.p50_us as f64 / 1000.0))
-            .collect();
-        let y_max = p99.iter().map(|p| p.1).fold(1.0, f64::max) * 1.15;
-        let mut chart = ChartBuilder::on(&panels[1])
-            .caption(
-                "propagation, origin to applied on all 3 nodes, per 10 s window",
-                ("sans-serif", 16),
-            )
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
-        chart
-            .configure_mesh()
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .x_desc("time (s)")
-            .y_desc("latency (ms)")
-            .draw()?;
-        chart
-            .draw_series(LineSeries::new(p99, RED.stroke_width(2)))?
-            .label("p99")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-        chart
-            .draw_series(LineSeries::new(p50, GREEN.stroke_width(2)))?
-            .label("p50")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
-        chart
-            .draw_series(LineSeries::new(vec![(warm, 0.0), (warm, y_max)], grey))?
-            .label("end of warm-up")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()?;
+        let traced = |ms: fn(&Sample) -> u64| -> Vec<(f64, f64)> {
+            samples
+                .iter()
+                .filter(|s| s.traced > 0)
+                .map(|s| (s.t_s, ms(s) as f64 / 1000.0))
+                .collect()
+        };
+        panel(
+            &panels[0],
+            "process RSS",
+            "RSS (MiB)",
+            vec![("RSS", rss, BLUE)],
+            (x_max, warm, grey),
+            SeriesLabelPosition::LowerRight,
+        )?;
+        panel(
+            &panels[1],
+            "propagation, origin to applied on all 3 nodes, per 10 s window",
+            "latency (ms)",
+            vec![("p99", traced(|s| s.p99_us), RED), ("p50", traced(|s| s.p50_us), GREEN)],
+            (x_max, warm, grey),
+            SeriesLabelPosition::UpperRight,
+        )?;
         root.present()?;
     }
     Ok(svg)
+}
+
+/// A line of a plot panel: its label, its points (seconds, value) and its colour.
+type Line<'a> = (&'a str, Vec<(f64, f64)>, plotters::style::RGBColor);
+
+/// One panel of the plot: `lines` over time from 0 to `x_max` seconds, and a vertical line where
+/// the warm-up ends.
+fn panel(
+    area: &plotters::drawing::DrawingArea<plotters::prelude::SVGBackend<'_>, plotters::coord::Shift>,
+    caption: &str,
+    y_desc: &str,
+    lines: Vec<Line<'_>>,
+    (x_max, warm, warm_colour): (f64, f64, plotters::style::RGBColor),
+    legend: plotters::chart::SeriesLabelPosition,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let y_max = lines
+        .iter()
+        .flat_map(|(_, points, _)| points.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+        * 1.15;
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_desc("time (s)")
+        .y_desc(y_desc)
+        .draw()?;
+    for (label, points, colour) in lines {
+        chart
+            .draw_series(LineSeries::new(points, colour.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+    }
+    chart
+        .draw_series(LineSeries::new(vec![(warm, 0.0), (warm, y_max)], warm_colour))?
+        .label("end of warm-up")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], warm_colour));
+    chart
+        .configure_series_labels()
+        .position(legend)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    Ok(())
 }
