@@ -23,6 +23,10 @@ REPO = Path(__file__).resolve().parents[3]
 TOKEN = "pytest-cache-token-0123456789"
 #: Generous: the suite runs on a shared 2-core machine.
 DEADLINE = 60.0
+#: Clusters not closed yet, and the logs of nodes stopped since the current test began: what a
+#: failed test's report shows (see `conftest.py`).
+OPEN_CLUSTERS: list[Cluster] = []
+STOPPED_LOGS: list[tuple[str, str]] = []
 
 
 def node_bin() -> str:
@@ -250,6 +254,8 @@ class Node:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if not self.log.closed:
+            STOPPED_LOGS.append((self.node_id, self.log_text()))
         self.log.close()
 
 
@@ -264,6 +270,7 @@ class Cluster:
         self.nats = NatsServer(self.dir, jetstream)
         self.nodes: list[Node] = []
         self.proxies: list[TcpProxy] = []
+        OPEN_CLUSTERS.append(self)
 
     def node(self, node_id: str, *, via_proxy: bool = False, **kwargs: object) -> Node:
         url = self.nats.url
@@ -283,6 +290,8 @@ class Cluster:
         self.close()
 
     def close(self) -> None:
+        if self in OPEN_CLUSTERS:
+            OPEN_CLUSTERS.remove(self)
         for n in self.nodes:
             n.stop()
         for p in self.proxies:

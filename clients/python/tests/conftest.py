@@ -1,4 +1,8 @@
-"""Shared fixtures: one nats-server and two nodes (a Unix socket and TCP) for the whole session."""
+"""Shared fixtures: one nats-server and two nodes (a Unix socket and TCP) for the whole session.
+
+When a test fails, the end of every node's log (the session's nodes and those the test started
+itself) is added to its report, so that a failure in CI says what the nodes saw.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cluster as cluster_module
 from cluster import Cluster, Node, peers_connected, wait_for
+
+#: Lines of each node's log added to a failed test's report.
+LOG_TAIL_LINES = 60
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +31,19 @@ def two_nodes() -> Iterator[tuple[Cluster, Node, Node]]:
         yield c, a, b
     finally:
         c.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if call.when == "setup":
+        cluster_module.STOPPED_LOGS.clear()
+    if not report.failed:
+        return
+    logs = list(cluster_module.STOPPED_LOGS)
+    for c in cluster_module.OPEN_CLUSTERS:
+        logs += [(n.node_id, n.log_text()) for n in c.nodes]
+    for node_id, text in logs:
+        tail = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
+        report.sections.append((f"node {node_id}: last {LOG_TAIL_LINES} log lines", tail))
