@@ -288,7 +288,8 @@ impl Checker {
 
     /// Checks that every accepted invalidation of another node was applied by each of `nodes`
     /// that was up when it was issued, or that the node's cache was flushed after it was
-    /// issued. Returns the violations.
+    /// issued. Returns the violations. The last batches may still be on their way when the
+    /// writers' tickets have resolved: wait for this to come back empty, with a deadline.
     pub fn undelivered(&self, nodes: &[&Node]) -> Vec<String> {
         let batches = lock(&self.batches).clone();
         let mut out = Vec::new();
@@ -306,7 +307,24 @@ impl Checker {
                 let flushed = flushes.iter().any(|t| *t >= b.issued);
                 if !delivered && !flushed {
                     missing += 1;
-                    example.get_or_insert_with(|| format!("{}/{}/{}", b.origin, b.epoch, b.seq));
+                    example.get_or_insert_with(|| {
+                        let last_flush = flushes
+                            .last()
+                            .map(|t| format!("{} ms after its last flush", (b.issued - *t).as_millis()));
+                        let upto = node
+                            .bus
+                            .peers()
+                            .into_iter()
+                            .find(|p| p.node_id == b.origin && p.epoch == b.epoch)
+                            .map(|p| p.applied_seq);
+                        format!(
+                            "{}/{}/{}, issued {}; the node applied that epoch up to {upto:?}",
+                            b.origin,
+                            b.epoch,
+                            b.seq,
+                            last_flush.unwrap_or_else(|| "with no flush before".into())
+                        )
+                    });
                 }
             }
             if node.record.lagged.load(Ordering::SeqCst) {
