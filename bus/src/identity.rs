@@ -333,6 +333,12 @@ impl Trust {
             .map_err(|_| Refusal::BadSignature(format!("does not verify with {}", short(signer))))
     }
 
+    /// Whether origin names are pinned to the first key heard (the `pinned` policy): then a
+    /// [`Refusal::WrongOrigin`] from [`Trust::verify`] means another key holds the name now.
+    pub fn pins_on_first_use(&self) -> bool {
+        matches!(self.policy, TrustPolicy::PinOnFirstUse)
+    }
+
     /// Whether the policy lists `key` (always true when keys are pinned on first use).
     pub fn lists(&self, key: &str) -> bool {
         match &self.policy {

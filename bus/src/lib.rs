@@ -140,7 +140,10 @@
 //! sequence tracking, the peer table, the caches or the audit: a refused message changes no
 //! state and is counted ([`BusStats::refused_untrusted`] and its neighbours). So an origin's
 //! epoch and sequence can only move with messages signed by the key that holds the origin, and
-//! a forged receipt never counts ([`Bus::open_receipt`]). Two live processes with one node id
+//! a forged receipt never counts ([`Bus::open_receipt`]). Under the pinned policy, a batch that
+//! verifies but whose origin name another key holds is *contested*: its invalidations are
+//! applied (dropping entries is always safe), nothing else ([`BusStats::contested_batches`]),
+//! so a name claimed while its node was away cannot silence the node. Two live processes with one node id
 //! are detected from each other's heartbeats; the later one refuses to start unless told to
 //! take over ([`BusBuilder::take_over`]). The peer table is bounded in size and age
 //! ([`BusBuilder::peer_table`]).

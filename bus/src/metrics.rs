@@ -225,6 +225,7 @@ pub(crate) struct BusMetrics {
     pub refused_unsigned: Counter,
     pub refused_untrusted: Counter,
     pub refused_unauthorized: Counter,
+    pub contested: Counter,
     pub propagation: Latency,
 }
 
@@ -292,6 +293,10 @@ pub struct BusStats {
     /// Batches refused because their signer may not make some of their invalidations (a key
     /// allowed keys only, purging by tag).
     pub refused_unauthorized: u64,
+    /// Batches whose signature verifies but whose origin name another key holds (the `pinned`
+    /// trust policy only): their invalidations were applied, and nothing else (no sequence
+    /// tracking, receipt or audit claim). See the README's Security model.
+    pub contested_batches: u64,
     /// Peers in the peer table.
     pub peers: u64,
     /// Origins whose sequences are tracked.
@@ -340,6 +345,7 @@ impl BusMetrics {
             refused_unsigned: self.refused_unsigned.get(),
             refused_untrusted: self.refused_untrusted.get(),
             refused_unauthorized: self.refused_unauthorized.get(),
+            contested_batches: self.contested.get(),
             peers: 0,
             origins_tracked: 0,
             receipts_published: self.receipts_published.get(),

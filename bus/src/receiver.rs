@@ -219,6 +219,8 @@ fn count_untrusted(inner: &BusInner, origin: &str, what: &str, r: &Refusal) {
 /// A decoded message of the namespace, its signature checked.
 enum Message {
     Batch(Batch),
+    /// A batch whose origin name another key holds ([`contested`]).
+    Contested(Batch),
     Heartbeat(Heartbeat),
 }
 
@@ -280,6 +282,9 @@ fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
                 .and_then(|signer| authorized(&signer, &b))
         };
         if let Err(r) = verdict {
+            if contested(inner, &b, &r) {
+                return Some(Message::Contested(b));
+            }
             count_untrusted(inner, origin, "batch", &r);
             return None;
         }
@@ -325,6 +330,28 @@ fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
         return None;
     }
     Some(Message::Heartbeat(h))
+}
+
+/// Whether a refused batch is contested: its signature verifies, but under the `pinned` policy
+/// another key holds its origin's name. Which of the two is the name's genuine publisher cannot be
+/// told (the holder may be a forger who claimed it while the node was away), so its
+/// invalidations are applied: dropping entries is always safe, and under this policy any key may
+/// invalidate anything under a name of its own anyway. Nothing else is: it touches no sequence
+/// tracking, receipt or applied record, and the name stays with its holder. Counted
+/// (`contested_batches`) and logged once per origin and interval.
+fn contested(inner: &BusInner, b: &Batch, r: &Refusal) -> bool {
+    if !matches!(r, Refusal::WrongOrigin { .. }) || !inner.trust.pins_on_first_use() || own(inner, &b.origin, b.epoch) {
+        return false;
+    }
+    inner.metrics.contested.inc();
+    if inner
+        .trust
+        .should_log(&b.origin, inner.gate.now(), REFUSAL_LOG_INTERVAL)
+    {
+        tracing::warn!(node = %inner.node_id, origin = %b.origin, refusal = %r,
+            "contested batch: signed by a key other than the one this origin name is pinned to; its invalidations are applied, its sequence is not tracked (logged once per origin every 10 s; see contested_batches in the stats; the `keys` trust policy says which key is whose)");
+    }
+    true
 }
 
 /// Checks that a message in this process's own name was signed by this process's key (a forged
@@ -388,11 +415,12 @@ async fn on_live(inner: &BusInner, subject: &str, payload: Bytes, echo: &mut Ech
                 ));
             }
             if verdict.apply && !dropped_by_test_hook(inner) {
-                apply_batch(inner, batch, Path::Live).await;
+                apply_batch(inner, batch, Path::Live, Tracking::Tracked).await;
             } else if !verdict.apply {
                 inner.metrics.duplicates.inc();
             }
         }
+        Some(Message::Contested(batch)) => apply_batch(inner, batch, Path::Live, Tracking::ApplyOnly).await,
         Some(Message::Heartbeat(hb)) => {
             if own(inner, &hb.origin, hb.epoch) {
                 if !stream {
@@ -489,9 +517,10 @@ async fn on_streamed(inner: &BusInner, f: &mut Follower, msg: async_nats::jetstr
             }
             if verdict.apply && !dropped_by_test_hook(inner) {
                 inner.metrics.replayed.inc();
-                apply_batch(inner, batch, Path::Stream).await;
+                apply_batch(inner, batch, Path::Stream, Tracking::Tracked).await;
             }
         }
+        Some(Message::Contested(batch)) => apply_batch(inner, batch, Path::Stream, Tracking::ApplyOnly).await,
         Some(Message::Heartbeat(hb)) => {
             if own(inner, &hb.origin, hb.epoch) {
                 // The evidence: everything stored before this heartbeat has been applied.
@@ -587,8 +616,19 @@ fn dropped_by_test_hook(inner: &BusInner) -> bool {
         .is_ok()
 }
 
-/// Applies a peer's batch to the caches and announces it (receipts, followers).
-async fn apply_batch(inner: &BusInner, batch: Batch, path: Path) {
+/// Whether a batch is tracked (its sequence, receipts, the applied record) or only applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tracking {
+    /// A trusted batch: applied, announced to the receipts and followers.
+    Tracked,
+    /// A contested batch ([`contested`]): its invalidations are applied and followers hear of
+    /// them, nothing else.
+    ApplyOnly,
+}
+
+/// Applies a peer's batch to the caches and, unless it is contested, announces it (receipts,
+/// the applied record); followers of the cache events hear of it either way.
+async fn apply_batch(inner: &BusInner, batch: Batch, path: Path, tracking: Tracking) {
     let span = tracing::debug_span!("apply", node = %inner.node_id, origin = %batch.origin, epoch = batch.epoch, seq = batch.seq, ?path);
     async {
         let mut dropped = 0;
@@ -617,6 +657,9 @@ async fn apply_batch(inner: &BusInner, batch: Batch, path: Path) {
             }
         }
         inner.event(|| CacheEvent::Invalidated(Arc::from(batch.invalidations.as_slice())));
+        if tracking == Tracking::ApplyOnly {
+            return;
+        }
         let applied_us = now_us();
         inner.metrics.batches_received.inc();
         inner

@@ -326,10 +326,11 @@ pub async fn stats(a: ClientArgs) -> Result<(), Error> {
         n.receipts_failed
     );
     println!(
-        "refused: {} unsigned, {} untrusted, {} beyond their scopes   peers {} ({} refused, table full)   duplicate node ids {}   stream erasures {}",
+        "refused: {} unsigned, {} untrusted, {} beyond their scopes   contested (applied only) {}   peers {} ({} refused, table full)   duplicate node ids {}   stream erasures {}",
         n.refused_unsigned,
         n.refused_untrusted,
         n.refused_unauthorized,
+        n.contested_batches,
         n.peers,
         n.peers_refused,
         n.duplicate_node_ids,

@@ -137,6 +137,11 @@ pub fn render(state: &NodeState) -> String {
             node.refused_unauthorized,
         ),
         (
+            "contested_batches_total",
+            "Batches under an origin name pinned to another key (pinned trust policy): invalidations applied, nothing else.",
+            node.contested_batches,
+        ),
+        (
             "duplicate_node_ids_total",
             "Heartbeats of another live process using this node's id.",
             node.duplicate_node_ids,

@@ -98,6 +98,7 @@ impl NodeState {
             peers: s.peers,
             peers_refused: s.peers_refused,
             stream_erasures: s.stream_erasures,
+            contested_batches: s.contested_batches,
             serving: s.serving,
             propagation: Some(Latency {
                 count: s.propagation.count,
