@@ -522,6 +522,7 @@ impl BusBuilder {
             verified: Mutex::new(VerifiedCache::default()),
             duplicate_seen_ns: AtomicU64::new(0),
             unsigned: self.unsigned,
+            superseded: trimmed.is_some().then(Mutex::default),
         });
         let mut tasks = Vec::new();
         let span = tracing::info_span!("bus", node = %inner.node_id, ns = %inner.namespace);
@@ -553,8 +554,8 @@ impl BusBuilder {
         if let Some(stream) = trimmed {
             tasks.push(tokio::spawn(
                 stream::trim_heartbeats(
+                    inner.clone(),
                     stream,
-                    inner.subjects.all_hb(),
                     inner.heartbeat_interval * stream::TRIM_EVERY_BEATS,
                     shutdown_rx.clone(),
                 )

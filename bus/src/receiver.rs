@@ -502,6 +502,14 @@ async fn on_streamed(inner: &BusInner, f: &mut Follower, msg: async_nats::jetstr
     }
     f.next = seq.saturating_add(1);
     erasure(inner, &msg, seq);
+    if let Some(superseded) = &inner.superseded {
+        if let Some(("hb", origin)) = inner.subjects.parse(msg.subject.as_str()) {
+            superseded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .heartbeat(origin, seq);
+        }
+    }
     match decode(inner, msg.subject.as_str(), &msg.payload) {
         Some(Message::Batch(batch)) => {
             if own(inner, &batch.origin, batch.epoch) {

@@ -10,7 +10,7 @@
 //! The stream refuses `Nats-Rollup` headers: a rollup is allowed on every subject of a stream or
 //! on none, and one `Nats-Rollup: all` from any client that may publish a heartbeat would erase
 //! every stored batch. Old heartbeats are removed instead by the nodes that manage the stream
-//! ([`trim_heartbeats`]), with a purge that keeps each node's latest: a JetStream API call that
+//! ([`trim_heartbeats`]), which delete each node's superseded ones: a JetStream API call that
 //! the deployment's permissions grant to nodes only.
 
 use std::time::Duration;
@@ -231,20 +231,70 @@ pub(crate) async fn ensure(
 /// How many heartbeat intervals pass between two trims of the stream's heartbeats.
 pub(crate) const TRIM_EVERY_BEATS: u32 = 30;
 
-/// Removes old heartbeats from the batch stream every `every`, keeping the latest of each node,
-/// so that they cost one message per node rather than one per node and interval. Run by the
-/// nodes that manage the stream; several doing it at once is harmless. Until one runs, each
-/// node's heartbeats pile up to the stream's retention (one message per node and interval).
+/// How many deletions a trim keeps in flight at once.
+const TRIM_CONCURRENCY: usize = 16;
+
+/// The batch stream's heartbeats that a newer message on the same heartbeat subject has
+/// superseded, by stream sequence, as the follower read them: what the next trim deletes.
 ///
-/// The holes a trim leaves in the stream's sequence hold no batch, and the follower's check of
-/// what its consumer skipped tells them apart from skipped batches.
+/// Bounded: past [`Superseded::MAX_SUBJECTS`] subjects the table starts over, and past
+/// [`Superseded::MAX_OLD`] sequences the newest are not recorded; what is not deleted is
+/// removed by the stream's retention.
+#[derive(Debug, Default)]
+pub(crate) struct Superseded {
+    /// Heartbeat subject's origin → stream sequence of its latest message.
+    latest: std::collections::HashMap<String, u64>,
+    /// Superseded sequences, not deleted yet.
+    old: Vec<u64>,
+}
+
+impl Superseded {
+    const MAX_SUBJECTS: usize = 16_384;
+    const MAX_OLD: usize = 262_144;
+
+    /// The follower read a message on `origin`'s heartbeat subject at `seq`.
+    pub fn heartbeat(&mut self, origin: &str, seq: u64) {
+        if self.latest.len() >= Self::MAX_SUBJECTS && !self.latest.contains_key(origin) {
+            self.latest.clear();
+        }
+        match self.latest.get_mut(origin) {
+            Some(latest) if *latest < seq => {
+                if self.old.len() < Self::MAX_OLD {
+                    self.old.push(*latest);
+                }
+                *latest = seq;
+            }
+            Some(_) => {}
+            None => {
+                self.latest.insert(origin.to_owned(), seq);
+            }
+        }
+    }
+
+    /// The superseded sequences recorded since the last call.
+    pub fn take(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.old)
+    }
+}
+
+/// Deletes superseded heartbeats from the batch stream every `every`, so that the stream keeps
+/// about one per node rather than one per node and interval. Run by the nodes that manage the
+/// stream; several doing it at once is harmless (a message already deleted is not an error).
+/// Until one runs, heartbeats pile up to the stream's retention.
+///
+/// The heartbeats are deleted one by one (`$JS.API.STREAM.MSG.DELETE`), not with a purge
+/// filtered to their subjects: nats-server before 2.10.11 moves every consumer of the stream
+/// on a filtered purge, even one whose filter is wider (nats-server#3838, #5075), which stalled
+/// or skipped other nodes' followers (checked against 2.9.10). Deleting single messages leaves
+/// the consumers where they are. The holes the deletions leave hold no batch, and the
+/// follower's check of what its consumer skipped tells them apart from skipped batches.
 pub(crate) async fn trim_heartbeats(
+    inner: std::sync::Arc<crate::state::BusInner>,
     stream: stream::Stream,
-    heartbeats: String,
     every: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
@@ -252,53 +302,47 @@ pub(crate) async fn trim_heartbeats(
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        match trim_once(&stream, &heartbeats).await {
-            Ok(purged) => {
+        let Some(superseded) = &inner.superseded else {
+            return;
+        };
+        let seqs = superseded.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match trim_once(&stream, seqs).await {
+            Ok(deleted) => {
                 if failing {
                     tracing::info!(stream = %stream.cached_info().config.name, "trimming heartbeats works again");
                 }
                 failing = false;
-                tracing::debug!(purged, "old heartbeats trimmed from the stream");
+                tracing::debug!(deleted, "superseded heartbeats deleted from the stream");
             }
             Err(e) if !failing => {
                 failing = true;
                 tracing::warn!(stream = %stream.cached_info().config.name, error = %e,
-                    "cannot trim old heartbeats from the stream (does this node's NATS user lack $JS.API.STREAM.PURGE on it?); they pile up until retention removes them");
+                    "cannot delete superseded heartbeats from the stream (does this node's NATS user lack $JS.API.STREAM.MSG.DELETE on it?); they pile up until retention removes them");
             }
             Err(e) => tracing::debug!(error = %e, "heartbeat trim failed again"),
         }
     }
 }
 
-/// One trim: every heartbeat subject that holds more than one message keeps its latest.
-/// Returns how many messages were removed.
-async fn trim_once(stream: &stream::Stream, heartbeats: &str) -> Result<u64, String> {
-    use futures::TryStreamExt as _;
-    let mut crowded = Vec::new();
-    let mut subjects = stream
-        .info_with_subjects(heartbeats)
-        .await
-        .map_err(|e| format!("list heartbeat subjects: {e}"))?;
-    while let Some((subject, count)) = subjects
-        .try_next()
-        .await
-        .map_err(|e| format!("list heartbeat subjects: {e}"))?
-    {
-        if count > 1 {
-            crowded.push(subject);
+/// Deletes the messages at `seqs` (heartbeats); returns how many were deleted. One already gone
+/// (deleted by another node, or past retention) is skipped; the first other error ends the
+/// trim (the rest are left to retention).
+async fn trim_once(stream: &stream::Stream, seqs: Vec<u64>) -> Result<u64, String> {
+    use futures::StreamExt as _;
+    let mut deletions = futures::stream::iter(seqs)
+        .map(|seq| async move { (seq, stream.delete_message(seq).await) })
+        .buffer_unordered(TRIM_CONCURRENCY);
+    let mut deleted = 0;
+    while let Some((seq, outcome)) = deletions.next().await {
+        match outcome {
+            Ok(_) => deleted += 1,
+            Err(e)
+                if matches!(e.kind(), stream::DeleteMessageErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND) => {}
+            Err(e) => return Err(format!("delete #{seq}: {e}")),
         }
     }
-    let mut purged = 0;
-    for subject in crowded {
-        let r = stream
-            .purge()
-            .filter(subject.as_str())
-            .keep(1)
-            .await
-            .map_err(|e| format!("purge {subject}: {e}"))?;
-        purged += r.purged;
-    }
-    Ok(purged)
+    Ok(deleted)
 }
 
 /// Retries `ensure` on [`SetupError::Unavailable`] with backoff until `deadline`.

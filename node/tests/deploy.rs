@@ -533,7 +533,7 @@ fn local_cluster_applies_purges_survives_a_lost_server_and_stops_cleanly() {
         );
 
         // Least privilege: the publisher can neither write receipts nor touch the JetStream
-        // API; the service user stays in its namespace.
+        // API; the service user stays in its namespace and cannot delete stored messages.
         let forge = |url: &str, subject: &str| {
             Command::new(&python)
                 .arg("-c")
@@ -550,6 +550,10 @@ fn local_cluster_applies_purges_survives_a_lost_server_and_stops_cleanly() {
                 "invalbus.blog.audit.receipt.x.1.1.node-1",
             ),
             (get("INVALBUS_NATS_PUBLISHER_URL"), "$JS.API.STREAM.PURGE.INVALBUS_blog"),
+            (
+                get("INVALBUS_NATS_SERVICE_URL"),
+                "$JS.API.STREAM.MSG.DELETE.INVALBUS_blog",
+            ),
             (get("INVALBUS_NATS_SERVICE_URL"), "invalbus.other.inv.x"),
         ] {
             let o = forge(&url, subject);

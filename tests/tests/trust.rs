@@ -250,8 +250,11 @@ async fn a_rollup_cannot_erase_the_stream() {
 }
 
 /// Heartbeats are stored in the batch stream (a node's evidence comes back through it), so the
-/// node that manages the stream trims them: each node's subject keeps its latest heartbeat,
-/// the rest go, and the nodes keep serving through the holes this leaves.
+/// node that manages the stream trims them: each node's superseded heartbeats are deleted, and
+/// the other nodes' followers are not disturbed (a purge filtered to the heartbeat subjects
+/// moved every consumer of the stream on nats-server before 2.10.11, and followers stalled or
+/// skipped): they never read again from a hole, and a service that stops serving after 3 s
+/// without evidence never stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_managing_node_trims_old_heartbeats() {
     init_tracing();
@@ -265,9 +268,11 @@ async fn a_managing_node_trims_old_heartbeats() {
         .expect("node");
     let service = bus_builder(&server.url(), NS, "service")
         .jetstream(js_config)
+        .max_staleness(Duration::from_secs(3))
         .build()
         .await
         .expect("service");
+    let mut events = service.subscribe_events();
     let client = async_nats::connect(server.url()).await.expect("client");
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream(format!("INVALBUS_{NS}")).await.expect("the batch stream");
@@ -301,7 +306,19 @@ async fn a_managing_node_trims_old_heartbeats() {
     assert!(trimmed, "old heartbeats were not trimmed: {:?}", counts().await);
     let serving = eventually(DEADLINE, || async { node.serving() && service.serving() }).await;
     assert!(serving, "a node stopped serving after the trim");
-    assert_eq!(node.stats().repair_flushes + service.stats().repair_flushes, 0);
+    let (n, s) = (node.stats(), service.stats());
+    assert_eq!((n.repair_flushes, s.repair_flushes), (0, 0));
+    assert_eq!(
+        (n.follower_rereads, s.follower_rereads),
+        (0, 0),
+        "a trim disturbed a stream follower"
+    );
+    while let Ok(e) = events.try_recv() {
+        assert!(
+            !matches!(e, invalbus::CacheEvent::NotServing),
+            "the service stopped serving while heartbeats were trimmed"
+        );
+    }
 }
 
 /// Row 4: two publishers with one origin name. A trusted key bound to another origin is refused
