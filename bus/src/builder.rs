@@ -545,6 +545,8 @@ impl BusBuilder {
         tasks.push(tokio::spawn(
             publisher(inner.clone(), out_rx, shutdown_rx.clone()).instrument(span.clone()),
         ));
+        // Where the follower starts: the heartbeats stored before it are the trim's backlog.
+        let followed_from = follower.as_ref().map_or(0, |f| f.next);
         tasks.push(tokio::spawn(
             receiver(inner.clone(), live, follower, event_rx, shutdown_rx.clone()).instrument(span.clone()),
         ));
@@ -556,6 +558,7 @@ impl BusBuilder {
                 stream::trim_heartbeats(
                     inner.clone(),
                     stream,
+                    followed_from,
                     inner.heartbeat_interval * stream::TRIM_EVERY_BEATS,
                     shutdown_rx.clone(),
                 )

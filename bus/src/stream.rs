@@ -257,16 +257,19 @@ impl Superseded {
         if self.latest.len() >= Self::MAX_SUBJECTS && !self.latest.contains_key(origin) {
             self.latest.clear();
         }
-        match self.latest.get_mut(origin) {
-            Some(latest) if *latest < seq => {
-                if self.old.len() < Self::MAX_OLD {
-                    self.old.push(*latest);
-                }
-                *latest = seq;
-            }
-            Some(_) => {}
+        // In any order: the backlog pass may record older ones after the follower's newer.
+        let old = match self.latest.get_mut(origin) {
+            Some(latest) if *latest < seq => Some(std::mem::replace(latest, seq)),
+            Some(latest) if *latest > seq => Some(seq),
+            Some(_) => None,
             None => {
                 self.latest.insert(origin.to_owned(), seq);
+                None
+            }
+        };
+        if let Some(old) = old {
+            if self.old.len() < Self::MAX_OLD {
+                self.old.push(old);
             }
         }
     }
@@ -280,7 +283,8 @@ impl Superseded {
 /// Deletes superseded heartbeats from the batch stream every `every`, so that the stream keeps
 /// about one per node rather than one per node and interval. Run by the nodes that manage the
 /// stream; several doing it at once is harmless (a message already deleted is not an error).
-/// Until one runs, heartbeats pile up to the stream's retention.
+/// Until one runs, heartbeats pile up to the stream's retention; when it starts, it reads those
+/// stored before it followed the stream too ([`backlog`]).
 ///
 /// The heartbeats are deleted one by one (`$JS.API.STREAM.MSG.DELETE`), not with a purge
 /// filtered to their subjects: nats-server before 2.10.11 moves every consumer of the stream
@@ -291,9 +295,17 @@ impl Superseded {
 pub(crate) async fn trim_heartbeats(
     inner: std::sync::Arc<crate::state::BusInner>,
     stream: stream::Stream,
+    followed_from: u64,
     every: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    tokio::select! {
+        read = backlog(&inner, &stream, followed_from) => match read {
+            Ok(n) => tracing::debug!(heartbeats = n, "heartbeats stored before this node followed the stream recorded"),
+            Err(e) => tracing::warn!(error = %e, "cannot read the heartbeats stored before this node followed the stream; they are left to retention"),
+        },
+        _ = shutdown.wait_for(|s| *s) => return,
+    }
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -322,6 +334,58 @@ pub(crate) async fn trim_heartbeats(
             Err(e) => tracing::debug!(error = %e, "heartbeat trim failed again"),
         }
     }
+}
+
+/// Most heartbeats the backlog pass reads (what lies beyond is left to the stream's retention).
+const BACKLOG_MAX: usize = 262_144;
+
+/// Records the heartbeats the stream stored before this node's follower started (below
+/// `until`): left there while no managing node was following the stream (before this one
+/// started, or while it restarted). The trims then delete the superseded ones among them too.
+/// Returns how many were read.
+async fn backlog(inner: &crate::state::BusInner, stream: &stream::Stream, until: u64) -> Result<usize, String> {
+    use futures::StreamExt as _;
+    let Some(superseded) = &inner.superseded else {
+        return Ok(0);
+    };
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: inner.subjects.all_hb(),
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            max_expires: FOLLOWER_PULL_EXPIRY,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("create the backlog reader: {e}"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| format!("start the backlog reader: {e}"))?;
+    let mut read = 0;
+    while read < BACKLOG_MAX {
+        // Nothing within a few pull expiries: the backlog is read (or the server went away).
+        let next = tokio::time::timeout(FOLLOWER_PULL_EXPIRY * 3, messages.next()).await;
+        let Ok(Some(Ok(msg))) = next else {
+            break;
+        };
+        let Ok(info) = msg.info() else {
+            break;
+        };
+        if info.stream_sequence >= until {
+            break;
+        }
+        if let Some(("hb", origin)) = inner.subjects.parse(msg.subject.as_str()) {
+            superseded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .heartbeat(origin, info.stream_sequence);
+        }
+        read += 1;
+        if info.pending == 0 {
+            break;
+        }
+    }
+    Ok(read)
 }
 
 /// Deletes the messages at `seqs` (heartbeats); returns how many were deleted. One already gone

@@ -250,7 +250,8 @@ async fn a_rollup_cannot_erase_the_stream() {
 }
 
 /// Heartbeats are stored in the batch stream (a node's evidence comes back through it), so the
-/// node that manages the stream trims them: each node's superseded heartbeats are deleted, and
+/// node that manages the stream trims them: each node's superseded heartbeats are deleted (those
+/// stored before the node followed the stream too), and
 /// the other nodes' followers are not disturbed (a purge filtered to the heartbeat subjects
 /// moved every consumer of the stream on nats-server before 2.10.11, and followers stalled or
 /// skipped): they never read again from a hole, and a service that stops serving after 3 s
@@ -260,14 +261,10 @@ async fn a_managing_node_trims_old_heartbeats() {
     init_tracing();
     let server = NatsServer::start_jetstream().await;
     let js_config = invalbus::JetStreamConfig::default();
-    let node = bus_builder(&server.url(), NS, "node")
-        .jetstream(js_config.clone())
-        .manage_streams(true)
-        .build()
-        .await
-        .expect("node");
+    // The service starts first: its heartbeats stored before the node follows the stream are
+    // trimmed too.
     let service = bus_builder(&server.url(), NS, "service")
-        .jetstream(js_config)
+        .jetstream(js_config.clone())
         .max_staleness(Duration::from_secs(3))
         .build()
         .await
@@ -290,9 +287,17 @@ async fn a_managing_node_trims_old_heartbeats() {
         }
         counts
     };
+    let early = eventually(DEADLINE, || async { counts().await.values().any(|n| *n >= 15) }).await;
+    assert!(early, "the service's heartbeats never piled up: {:?}", counts().await);
+    let node = bus_builder(&server.url(), NS, "node")
+        .jetstream(js_config)
+        .manage_streams(true)
+        .build()
+        .await
+        .expect("node");
     // Heartbeats pile up between trims (every 30 intervals: 6 s here)...
-    let piled = eventually(DEADLINE, || async { counts().await.values().any(|n| *n >= 5) }).await;
-    assert!(piled, "heartbeats never piled up: {:?}", counts().await);
+    let piled = eventually(DEADLINE, || async { counts().await.len() == 2 }).await;
+    assert!(piled, "the node's heartbeats never came: {:?}", counts().await);
     // ...and a trim takes them back to each node's latest: heartbeats only ever add to the
     // stream, so a total lower than one seen before is a trim, whatever the timing.
     let peak = std::sync::atomic::AtomicU64::new(0);
