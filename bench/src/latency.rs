@@ -1,0 +1,350 @@
+//! Propagation: invalbus against raw NATS (and Redis tracking) at a steady rate, alternated in
+//! rounds, and fan-out to many peers.
+
+use crate::common::*;
+use bytes::Bytes;
+use futures::StreamExt;
+use invalbus::{Cache, CacheConfig};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Publish-to-applied-on-all-peers latency, paced at `rate` per second for `secs`.
+pub(crate) async fn propagation_invalbus(
+    url: &str,
+    peers: usize,
+    rate: u64,
+    secs: u64,
+    tag: &str,
+    signed: bool,
+) -> hdrhistogram::Histogram<u64> {
+    let origin = nats_bus_signed(url, &format!("p-{tag}-origin"), signed).await;
+    let cache: Cache<Bytes> = origin.cache("prop", CacheConfig::new(1000)).unwrap();
+    let mut applied = Vec::new();
+    let mut buses = Vec::new();
+    for p in 0..peers {
+        let b = nats_bus_signed(url, &format!("p-{tag}-{p}"), signed).await;
+        let _c: Cache<Bytes> = b.cache("prop", CacheConfig::new(1000)).unwrap();
+        applied.push(b.subscribe_applied());
+        buses.push(b);
+    }
+    // Per batch seq: (applications seen, latest applied_us).
+    let collector = tokio::spawn(async move {
+        let mut seen: HashMap<u64, (usize, u64)> = HashMap::new();
+        let mut streams = futures::stream::select_all(applied.into_iter().map(|rx| {
+            futures::stream::unfold(rx, |mut rx| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(a) => return Some((a, rx)),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return None,
+                    }
+                }
+            })
+            .boxed()
+        }));
+        let deadline = tokio::time::sleep(Duration::from_secs(secs + 5));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                Some(a) = streams.next() => {
+                    let e = seen.entry(a.seq).or_insert((0, 0));
+                    e.0 += 1;
+                    e.1 = e.1.max(a.applied_us);
+                }
+                _ = &mut deadline => break,
+            }
+        }
+        seen
+    });
+    let total = rate * secs;
+    let mut calls = Vec::with_capacity(total as usize);
+    let start = Instant::now();
+    for i in 0..total {
+        let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+        let now = Instant::now();
+        if due > now + Duration::from_micros(200) {
+            tokio::time::sleep(due - now).await;
+        }
+        let at = now_us();
+        if let Ok(t) = cache.invalidate_key(&format!("k{i}")).await {
+            calls.push((at, t));
+        }
+    }
+    let mut sent = Vec::with_capacity(calls.len());
+    for (at, t) in calls {
+        if let Ok(p) = t.published().await {
+            sent.push((at, p.seq));
+        }
+    }
+    let seen = collector.await.unwrap_or_default();
+    let mut h = histogram();
+    let mut missing = 0;
+    for (at, seq) in sent {
+        match seen.get(&seq) {
+            Some((n, done)) if *n == peers => h.saturating_record(done.saturating_sub(at).max(1)),
+            _ => missing += 1,
+        }
+    }
+    if missing > 0 {
+        println!("  (note: {missing} invalidations were not seen applied on all {peers} peers within the window)");
+    }
+    origin.shutdown().await;
+    for b in buses {
+        b.shutdown().await;
+    }
+    h
+}
+
+/// Bytes per invalidation record in the raw twins' messages: its index and send time, and 8
+/// bytes standing for the key.
+pub(crate) const RAW_RECORD: usize = 24;
+
+/// The same measurement with raw NATS: one publisher, `peers` subscriber connections, messages
+/// of `envelope_len` bytes for one invalidation (and [`RAW_RECORD`] more for each further one).
+/// Without `batching`, each invalidation is one message. With it, the twin batches as the bus
+/// does: the caller's paced invalidations queue for one publishing task, which sends whatever
+/// has queued while it was busy as one message.
+pub(crate) async fn propagation_raw(
+    url: &str,
+    peers: usize,
+    rate: u64,
+    secs: u64,
+    envelope_len: usize,
+    batching: bool,
+) -> hdrhistogram::Histogram<u64> {
+    let subject = "bench.raw.prop";
+    let publisher = async_nats::connect(url).await.expect("raw publisher");
+    let prefix = envelope_len.saturating_sub(RAW_RECORD);
+    let mut subs = Vec::new();
+    for _ in 0..peers {
+        let c = async_nats::connect(url).await.expect("raw subscriber");
+        let s = c.subscribe(subject).await.expect("raw subscribe");
+        c.flush().await.ok();
+        subs.push((c, s));
+    }
+    let total = rate * secs;
+    let mut tasks = Vec::new();
+    for (c, mut s) in subs {
+        tasks.push(tokio::spawn(async move {
+            let mut got: Vec<(u64, u64)> = Vec::with_capacity(total as usize);
+            while got.len() < total as usize {
+                match tokio::time::timeout(Duration::from_secs(5), s.next()).await {
+                    Ok(Some(m)) => {
+                        let at = now_us();
+                        for r in m.payload.get(prefix..).unwrap_or_default().chunks_exact(RAW_RECORD) {
+                            let i = u64::from_le_bytes(r[..8].try_into().unwrap_or([0; 8]));
+                            let sent = u64::from_le_bytes(r[8..16].try_into().unwrap_or([0; 8]));
+                            got.push((i, at.saturating_sub(sent)));
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            drop(c);
+            got
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    fn record(p: &mut Vec<u8>, i: u64, at: u64) {
+        p.extend_from_slice(&i.to_le_bytes());
+        p.extend_from_slice(&at.to_le_bytes());
+        p.extend_from_slice(&[0u8; RAW_RECORD - 16]);
+    }
+    // With batching, the caller queues and one task publishes what queued while it was busy.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
+    let sender = batching.then(|| {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            while let Some((i, at)) = rx.recv().await {
+                let mut p = vec![0u8; prefix];
+                record(&mut p, i, at);
+                while let Ok((i, at)) = rx.try_recv() {
+                    record(&mut p, i, at);
+                }
+                let _ = publisher.publish(subject, Bytes::from(p)).await;
+            }
+        })
+    });
+    let start = Instant::now();
+    for i in 0..total {
+        let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+        let now = Instant::now();
+        if due > now + Duration::from_micros(200) {
+            tokio::time::sleep(due - now).await;
+        }
+        if batching {
+            let _ = tx.send((i, now_us()));
+        } else {
+            let mut p = vec![0u8; prefix];
+            record(&mut p, i, now_us());
+            let _ = publisher.publish(subject, Bytes::from(p)).await;
+        }
+    }
+    drop(tx);
+    if let Some(sender) = sender {
+        let _ = sender.await;
+    }
+    publisher.flush().await.ok();
+    let mut worst: HashMap<u64, (usize, u64)> = HashMap::new();
+    for t in tasks {
+        for (i, lat) in t.await.unwrap_or_default() {
+            let e = worst.entry(i).or_insert((0, 0));
+            e.0 += 1;
+            e.1 = e.1.max(lat);
+        }
+    }
+    let mut h = histogram();
+    for (_, (n, lat)) in worst {
+        if n == peers {
+            h.saturating_record(lat.max(1));
+        }
+    }
+    h
+}
+
+/// Publish-to-applied latency at 3 peers, at 5,000/s and 50,000/s, beside its raw NATS twin and
+/// (at 5,000/s) Redis tracking's, alternated in `rounds` of `secs / rounds` each; the rounds'
+/// histograms are merged. At 50,000/s the bus batches, so its twin batches the same way, and a
+/// second twin without batching shows what batching gains.
+pub(crate) async fn propagation(
+    url: &str,
+    secs: u64,
+    rounds: u64,
+    redis: &mut Option<crate::redis::Tracking>,
+    rows: &mut Vec<Row>,
+) {
+    let len = single_batch_len();
+    let per = (secs / rounds).max(1);
+    let new = || histogram();
+    for rate in [5_000u64, 50_000] {
+        let (mut raw, mut ours, mut unsigned, mut unbatched, mut tracking) = (new(), new(), new(), new(), new());
+        let mut redis_ok = redis.is_some() && rate == 5_000;
+        for r in 0..rounds {
+            let tag = format!("{rate}-{r}");
+            let _ = raw.add(propagation_raw(url, 3, rate, per, len, rate > 5_000).await);
+            let _ = ours.add(propagation_invalbus(url, 3, rate, per, &tag, true).await);
+            if rate == 5_000 {
+                // The same without signatures, in the same run: what signing costs.
+                let _ = unsigned.add(propagation_invalbus(url, 3, rate, per, &format!("{tag}u"), false).await);
+                if let Some(h) = redis.as_mut().filter(|_| redis_ok) {
+                    match h.latency(rate, per).await {
+                        Some(h) => {
+                            let _ = tracking.add(h);
+                        }
+                        None => redis_ok = false,
+                    }
+                }
+            } else {
+                let _ = unbatched.add(propagation_raw(url, 3, rate, per, len, false).await);
+            }
+        }
+        let twin = if rate > 5_000 {
+            "raw: NATS, batching alike"
+        } else {
+            "raw: NATS"
+        };
+        for (q, name) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p99.9")] {
+            let (o, r) = (ours.value_at_quantile(q) as f64, raw.value_at_quantile(q) as f64);
+            let (goal, met) = if name == "p99" {
+                ("<= 1.25 x raw NATS p99", Some(o <= 1.25 * r))
+            } else {
+                ("-", None)
+            };
+            rows.push(row(
+                format!("propagation {name}, 3 peers, {rate}/s ({twin})"),
+                o,
+                r,
+                "us",
+                o / r,
+                goal,
+                met,
+            ));
+        }
+        if rate == 5_000 {
+            for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+                let (u, r) = (unsigned.value_at_quantile(q) as f64, raw.value_at_quantile(q) as f64);
+                rows.push(row(
+                    format!("propagation {name}, 3 peers, {rate}/s, UNSIGNED (signing's cost)"),
+                    u,
+                    r,
+                    "us",
+                    u / r,
+                    "-",
+                    None,
+                ));
+            }
+            if redis_ok {
+                for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+                    let (o, t) = (ours.value_at_quantile(q) as f64, tracking.value_at_quantile(q) as f64);
+                    rows.push(row(
+                        format!("redis tracking: SET to push at 3 readers {name}, {rate}/s"),
+                        o,
+                        t,
+                        "us",
+                        o / t,
+                        "below Redis tracking",
+                        Some(o < t),
+                    ));
+                }
+            }
+        } else {
+            let (o, u) = (
+                ours.value_at_quantile(0.99) as f64,
+                unbatched.value_at_quantile(0.99) as f64,
+            );
+            rows.push(row(
+                format!("propagation p99, 3 peers, {rate}/s: batching's gain (raw: 1 msg per inv.)"),
+                o,
+                u,
+                "us",
+                o / u,
+                "report",
+                None,
+            ));
+        }
+    }
+}
+
+/// Propagation p99 as the number of peers grows, each beside a raw NATS twin with as many
+/// subscribers. Every peer checks every batch's signature, and here every peer shares this
+/// machine: past `signed_upto` peers the signed rows run at `big_rate` (the CPU of 5,000
+/// signature checks per second per peer is more than 2 cores have, see BENCHMARKS.md), and an
+/// unsigned row at 5,000/s shows the rest of the path.
+pub(crate) async fn fan_out(
+    url: &str,
+    sizes: &[usize],
+    secs: u64,
+    signed_upto: usize,
+    big_rate: u64,
+    rows: &mut Vec<Row>,
+) {
+    for &peers in sizes {
+        let mut runs = vec![(5_000u64, peers <= signed_upto)];
+        if peers > signed_upto {
+            runs.push((big_rate, true));
+        }
+        for (rate, signed) in runs {
+            let raw = propagation_raw(url, peers, rate, secs, single_batch_len(), false).await;
+            let tag = format!("fan{peers}-{rate}-{signed}");
+            let h = propagation_invalbus(url, peers, rate, secs, &tag, signed).await;
+            let (p99, r99) = (h.value_at_quantile(0.99) as f64, raw.value_at_quantile(0.99) as f64);
+            let (goal, met) = if peers >= 100 && rate == 5_000 {
+                ("<= 5 ms", Some(p99 <= 5_000.0))
+            } else {
+                ("report", None)
+            };
+            rows.push(row(
+                format!(
+                    "fan-out: propagation p99, {peers} peers, {rate}/s{}",
+                    if signed { "" } else { ", UNSIGNED" }
+                ),
+                p99,
+                r99,
+                "us",
+                p99 / r99,
+                goal,
+                met,
+            ));
+        }
+    }
+}
