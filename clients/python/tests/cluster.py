@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[3]
 TOKEN = "pytest-cache-token-0123456789"
 #: Generous: the suite runs on a shared 2-core machine.
 DEADLINE = 60.0
+#: What the nodes log (to their node.log; a failed test's report shows the end of it): the
+#: gate's changes, the stream follower's and the NATS client's connection events.
+NODE_LOG = "warn,invalbus=info,invalbus::receiver=debug,invalbus::stream=debug,async_nats=info"
 #: Clusters not closed yet, and the logs of nodes stopped since the current test began: what a
 #: failed test's report shows (see `conftest.py`).
 OPEN_CLUSTERS: list[Cluster] = []
@@ -215,7 +218,7 @@ class Node:
             + extra_toml
         )
         self.log = open(self.dir / "node.log", "wb")
-        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", NODE_LOG))
         self.proc = subprocess.Popen(
             [node_bin(), "serve", "--config", str(self.dir / "node.toml")],
             stdout=self.log,
@@ -299,6 +302,36 @@ class Cluster:
         self.nats.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+def serves(node: Node) -> bool:
+    """True when a read on `node` is served from its cache (its staleness gate is open)."""
+    c = node.client()
+    key = "serving-probe-" + uuid.uuid4().hex
+    try:
+        c.set(key, b"x")
+        return bool(c.get(key).found)
+    finally:
+        c.close()
+
+
+def serving_steadily(nodes: list[Node], seconds: float = 3.0, deadline: float = DEADLINE) -> None:
+    """Waits until every node of `nodes` has served reads for `seconds` in a row.
+
+    A node can stop serving for a second or two in its first seconds (seen twice in CI, with
+    both nodes just started; the cause is not found yet, see the README's "Not done yet"); tests
+    that read through a node right after the fixture starts it wait this out first.
+    """
+    end = time.monotonic() + deadline
+    since = time.monotonic()
+    while time.monotonic() < end:
+        if all(serves(n) for n in nodes):
+            if time.monotonic() - since >= seconds:
+                return
+        else:
+            since = time.monotonic()
+        time.sleep(0.05)
+    raise AssertionError(f"the nodes did not serve steadily for {seconds} s within {deadline} s")
 
 
 def peers_connected(a: Node, b: Node) -> bool:
