@@ -522,7 +522,7 @@ impl BusBuilder {
             verified: Mutex::new(VerifiedCache::default()),
             duplicate_seen_ns: AtomicU64::new(0),
             unsigned: self.unsigned,
-            superseded: trimmed.is_some().then(Mutex::default),
+            superseded: trimmed.is_some().then(|| Arc::new(Mutex::default())),
         });
         let mut tasks = Vec::new();
         let span = tracing::info_span!("bus", node = %inner.node_id, ns = %inner.namespace);
@@ -553,10 +553,11 @@ impl BusBuilder {
         tasks.push(tokio::spawn(
             heartbeats(inner.clone(), shutdown_rx.clone()).instrument(span.clone()),
         ));
-        if let Some(stream) = trimmed {
+        if let (Some(stream), Some(superseded)) = (trimmed, inner.superseded.clone()) {
             tasks.push(tokio::spawn(
                 stream::trim_heartbeats(
-                    inner.clone(),
+                    superseded,
+                    inner.subjects.clone(),
                     stream,
                     followed_from,
                     inner.heartbeat_interval * stream::TRIM_EVERY_BEATS,

@@ -131,7 +131,7 @@ pub(crate) struct BusInner {
     pub unsigned: bool,
     /// The stream's heartbeats that a newer one on the same subject superseded, as the follower
     /// read them, for the trim to delete (only on a bus that manages the stream).
-    pub superseded: Option<Mutex<crate::stream::Superseded>>,
+    pub superseded: Option<Arc<Mutex<crate::stream::Superseded>>>,
 }
 
 /// Recently verified batches, by `(origin, epoch, seq)`: the signature and body that passed.

@@ -13,11 +13,13 @@
 //! ([`trim_heartbeats`]), which delete each node's superseded ones: a JetStream API call that
 //! the deployment's permissions grant to nodes only.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 
 use crate::config::JetStreamConfig;
+use crate::transport::Subjects;
 
 /// The stream that keeps every batch of a namespace (and its nodes' latest heartbeats).
 pub(crate) fn stream_name(namespace: &str) -> String {
@@ -293,14 +295,15 @@ impl Superseded {
 /// the consumers where they are. The holes the deletions leave hold no batch, and the
 /// follower's check of what its consumer skipped tells them apart from skipped batches.
 pub(crate) async fn trim_heartbeats(
-    inner: std::sync::Arc<crate::state::BusInner>,
+    superseded: Arc<Mutex<Superseded>>,
+    subjects: Subjects,
     stream: stream::Stream,
     followed_from: u64,
     every: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     tokio::select! {
-        read = backlog(&inner, &stream, followed_from) => match read {
+        read = backlog(&superseded, &subjects, &stream, followed_from) => match read {
             Ok(n) => tracing::debug!(heartbeats = n, "heartbeats stored before this node followed the stream recorded"),
             Err(e) => tracing::warn!(error = %e, "cannot read the heartbeats stored before this node followed the stream; they are left to retention"),
         },
@@ -314,9 +317,6 @@ pub(crate) async fn trim_heartbeats(
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        let Some(superseded) = &inner.superseded else {
-            return;
-        };
         let seqs = superseded.lock().unwrap_or_else(|e| e.into_inner()).take();
         match trim_once(&stream, seqs).await {
             Ok(deleted) => {
@@ -343,14 +343,16 @@ const BACKLOG_MAX: usize = 262_144;
 /// `until`): left there while no managing node was following the stream (before this one
 /// started, or while it restarted). The trims then delete the superseded ones among them too.
 /// Returns how many were read.
-async fn backlog(inner: &crate::state::BusInner, stream: &stream::Stream, until: u64) -> Result<usize, String> {
+async fn backlog(
+    superseded: &Mutex<Superseded>,
+    subjects: &Subjects,
+    stream: &stream::Stream,
+    until: u64,
+) -> Result<usize, String> {
     use futures::StreamExt as _;
-    let Some(superseded) = &inner.superseded else {
-        return Ok(0);
-    };
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: inner.subjects.all_hb(),
+            filter_subject: subjects.all_hb(),
             deliver_policy: jetstream::consumer::DeliverPolicy::All,
             max_expires: FOLLOWER_PULL_EXPIRY,
             ..Default::default()
@@ -374,7 +376,7 @@ async fn backlog(inner: &crate::state::BusInner, stream: &stream::Stream, until:
         if info.stream_sequence >= until {
             break;
         }
-        if let Some(("hb", origin)) = inner.subjects.parse(msg.subject.as_str()) {
+        if let Some(("hb", origin)) = subjects.parse(msg.subject.as_str()) {
             superseded
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
