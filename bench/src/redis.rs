@@ -34,7 +34,7 @@ const PREFIX: &str = "k";
 const IDLE: Duration = Duration::from_secs(5);
 
 /// The bench's own `redis-server` with tracking readers, measured in the same alternation as the
-/// invalbus rows it stands beside (see `propagation` and `throughput` in main.rs).
+/// invalbus rows it stands beside (see `propagation` in latency.rs and `throughput` in throughput.rs).
 pub struct Tracking {
     server: RedisServer,
     /// Set once a measurement failed: the rows then say so rather than mix in a partial figure.
