@@ -100,13 +100,54 @@ pub fn nats_server_bin() -> PathBuf {
     PathBuf::from("/usr/sbin/nats-server")
 }
 
-/// A loopback port that was free a moment ago (bound to port 0, then released).
+/// A loopback port that was free a moment ago (bound, then released).
 ///
-/// Another process may take it before the caller binds it; [`NatsServer::start`] retries on a
-/// fresh port when that happens.
+/// Ports are taken below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), from a
+/// random point and then in turn, so that neither `bind(0)` nor the outgoing connections of
+/// tests running beside it (proxies, clients: their local ports come from that range) can be
+/// handed the same port before the caller binds it. Another process that picks ports the same
+/// way may still take it: [`NatsServer::start`] retries on a fresh port when that happens.
 pub fn free_port() -> u16 {
-    let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address of a bound listener").port()
+    bind_free()
+        .local_addr()
+        .expect("local address of a bound listener")
+        .port()
+}
+
+/// A listener on a free loopback port outside the ephemeral range (see [`free_port`]).
+fn bind_free() -> StdTcpListener {
+    static CURSOR: std::sync::OnceLock<AtomicUsize> = std::sync::OnceLock::new();
+    let range = port_range();
+    let span = usize::from(range.end - range.start);
+    if span > 0 {
+        let cursor = CURSOR.get_or_init(|| AtomicUsize::new(rand::random::<u32>() as usize % span));
+        for _ in 0..span {
+            let port = range.start + (cursor.fetch_add(1, Ordering::Relaxed) % span) as u16;
+            if let Ok(listener) = StdTcpListener::bind(("127.0.0.1", port)) {
+                return listener;
+            }
+        }
+    }
+    StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0")
+}
+
+/// The ports [`free_port`] picks from: the widest stretch above 10,000 outside the ephemeral
+/// range (10,000..32,768 with Linux's default range).
+fn port_range() -> std::ops::Range<u16> {
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999));
+    let below = 10_000..low.max(10_000);
+    let above = high.saturating_add(1).max(10_000)..u16::MAX;
+    if below.len() >= above.len() {
+        below
+    } else {
+        above
+    }
 }
 
 /// How a server joins its cluster.
@@ -626,12 +667,10 @@ impl PlannedCluster {
     }
 }
 
-/// `n` distinct loopback ports that were free a moment ago.
+/// `n` distinct loopback ports that were free a moment ago (see [`free_port`]).
 fn distinct_free_ports(n: usize) -> Vec<u16> {
-    // Hold every listener until all are picked, so the kernel cannot hand out one port twice.
-    let listeners: Vec<StdTcpListener> = (0..n)
-        .map(|_| StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
+    // Hold every listener until all are picked, so that no port is handed out twice.
+    let listeners: Vec<StdTcpListener> = (0..n).map(|_| bind_free()).collect();
     listeners
         .iter()
         .map(|l| l.local_addr().expect("local address").port())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -43,7 +44,37 @@ def nats_bin() -> str:
     return os.environ.get("NATS_SERVER_BIN") or shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
+def _port_range() -> range:
+    """The widest stretch of ports above 10,000 outside the kernel's ephemeral range."""
+    try:
+        low, high = (int(p) for p in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    below, above = range(10000, max(low, 10000)), range(max(high + 1, 10000), 65535)
+    return below if len(below) >= len(above) else above
+
+
+_PORTS = _port_range()
+_next_port = random.randrange(len(_PORTS)) if _PORTS else 0
+
+
 def free_port() -> int:
+    """A loopback port that was free a moment ago.
+
+    Taken below the ephemeral range, from a random point and then in turn, so that neither
+    `bind(0)` nor the outgoing connections of the processes under test (whose local ports come
+    from that range) can be handed it before the server binds it.
+    """
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port % len(_PORTS)]
+        _next_port += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
