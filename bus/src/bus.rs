@@ -412,6 +412,14 @@ impl Bus {
         self.inner.faults.drop_batches.fetch_add(n, Ordering::AcqRel);
     }
 
+    /// Makes the stream follower's consumer deliver nothing, as one whose pull request the
+    /// server dropped without telling the client, until the receiver restarts it. Only for
+    /// fault tests.
+    #[doc(hidden)]
+    pub fn deafen_follower_for_tests(&self) {
+        self.inner.faults.deaf_follower.store(true, Ordering::Release);
+    }
+
     /// The bound on staleness this node promises: a read never returns a value older than an
     /// accepted invalidation by more than this (heartbeat interval + max staleness). See the
     /// crate docs for what "accepted" means with and without JetStream.

@@ -104,6 +104,11 @@ impl<C: Clock> Gate<C> {
         (t0 != 0 && age <= self.window_ns).then(|| Duration::from_nanos(self.window_ns - age))
     }
 
+    /// When the freshest evidence was gathered (clock ns; 0: none yet).
+    pub fn evidence_at(&self) -> u64 {
+        self.evidence_ns.load(Ordering::Acquire)
+    }
+
     /// Records evidence gathered at `t0` (a reading of this gate's clock): every invalidation
     /// accepted before `t0` has been applied.
     pub fn evidence(&self, t0: u64) {

@@ -221,6 +221,7 @@ pub(crate) struct BusMetrics {
     pub duplicate_node_ids: Counter,
     pub peers_refused: Counter,
     pub follower_rereads: Counter,
+    pub follower_restarts: Counter,
     pub stream_erasures: Counter,
     pub refused_unsigned: Counter,
     pub refused_untrusted: Counter,
@@ -282,6 +283,10 @@ pub struct BusStats {
     /// Times the stream follower read again from a hole (its consumer skipped a stored batch,
     /// or the leader could not say what the hole held).
     pub follower_rereads: u64,
+    /// Times the stream follower was restarted from where it stood because this node's own
+    /// heartbeat was overdue and the follower delivered nothing (a pull request the server
+    /// dropped, a server that went away).
+    pub follower_restarts: u64,
     /// Messages in the batch stream that erased stored batches (a `Nats-Rollup` header on a
     /// batch subject, which invalbus never sends): the audit records before them are gone.
     pub stream_erasures: u64,
@@ -341,6 +346,7 @@ impl BusMetrics {
             duplicate_node_ids: self.duplicate_node_ids.get(),
             peers_refused: self.peers_refused.get(),
             follower_rereads: self.follower_rereads.get(),
+            follower_restarts: self.follower_restarts.get(),
             stream_erasures: self.stream_erasures.get(),
             refused_unsigned: self.refused_unsigned.get(),
             refused_untrusted: self.refused_untrusted.get(),

@@ -41,7 +41,7 @@
 //! its first batch, a heartbeat announcing batches never received, a slow-consumer drop, a
 //! reconnect, a lapse of its own heartbeat) flushes every cache.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,6 +84,10 @@ pub(crate) async fn receiver(
 ) {
     let mut echo = Echo::default();
     let mut disconnected = false;
+    // Restarts a follower that went quiet while this node's heartbeat is overdue.
+    let mut watch = FollowerWatch::new(&inner);
+    let mut watch_tick = tokio::time::interval(watch.grace / 4);
+    watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Events taken out of the channel while folding slow-consumer events, still to handle.
     let mut deferred: std::collections::VecDeque<LinkEvent> = std::collections::VecDeque::new();
     loop {
@@ -98,8 +102,9 @@ pub(crate) async fn receiver(
                 Some(Err(ev)) => on_link_event(&inner, ev, &mut events, &mut deferred, &mut disconnected),
                 None => return,
             },
-            m = next_streamed(&mut follower) => match m {
+            m = next_streamed(&mut follower, &inner.faults.deaf_follower) => match m {
                 Some(Ok(msg)) => {
+                    watch.delivered(&inner);
                     if let Some(f) = follower.as_mut() {
                         on_streamed(&inner, f, msg).await;
                     }
@@ -114,9 +119,75 @@ pub(crate) async fn receiver(
                     }
                 }
             },
+            _ = watch_tick.tick(), if follower.is_some() => {
+                if let Some(f) = follower.as_mut() {
+                    watch.check(&inner, f);
+                }
+            }
             Some(ev) = events.recv() => on_link_event(&inner, ev, &mut events, &mut deferred, &mut disconnected),
             () = stopped(&mut shutdown) => return,
         }
+    }
+}
+
+/// Restarts the stream follower when it is stuck without knowing it.
+///
+/// This node stores a heartbeat in the stream every interval, and the follower delivers it
+/// back within milliseconds. Seen here: on nats-server before 2.10, a pull request that expires
+/// just as a message arrives is dropped without the `408` that tells the client to pull again,
+/// and the ordered consumer then waits for two missed idle heartbeats (2 s) before it recreates
+/// itself, as long as the default staleness bound, so the caches stopped serving for a moment.
+/// So when a heartbeat of this node has been out for `grace` (half of `max_staleness`, at
+/// least a quarter interval) without coming back, and the follower has delivered nothing for as
+/// long, its consumer is recreated from where it stands, and the heartbeat comes back before
+/// the gate closes. Checked every quarter of `grace`; counted in `follower_restarts`. Restarts
+/// that bring no evidence back (the stream cannot store this node's heartbeats) back off, up to
+/// 16 times `grace` apart.
+struct FollowerWatch {
+    grace: Duration,
+    /// When the follower last delivered anything, or was last restarted (gate clock).
+    last_ns: u64,
+    /// Restarts since evidence last came in, and the evidence as of the last restart.
+    restarts: u32,
+    evidence_at_restart: u64,
+}
+
+impl FollowerWatch {
+    fn new(inner: &BusInner) -> Self {
+        FollowerWatch {
+            grace: (inner.max_staleness / 2).max(inner.heartbeat_interval / 4),
+            last_ns: inner.gate.now(),
+            restarts: 0,
+            evidence_at_restart: 0,
+        }
+    }
+
+    fn delivered(&mut self, inner: &BusInner) {
+        self.last_ns = inner.gate.now();
+    }
+
+    fn check(&mut self, inner: &BusInner, f: &mut Follower) {
+        let now = inner.gate.now();
+        let evidence = inner.gate.evidence_at();
+        if evidence > self.evidence_at_restart {
+            self.restarts = 0;
+        }
+        let quiet = self.grace.as_nanos() as u64 * (1u64 << self.restarts.min(4));
+        let Some(sent) = inner.beats().first_after(evidence) else {
+            return;
+        };
+        let overdue = now.saturating_sub(sent) > quiet;
+        if !overdue || now.saturating_sub(self.last_ns) <= quiet || !f.is_following() {
+            return;
+        }
+        self.last_ns = now;
+        self.restarts += 1;
+        self.evidence_at_restart = evidence;
+        inner.metrics.follower_restarts.inc();
+        tracing::info!(node = %inner.node_id, overdue_ms = (now - sent) / 1_000_000, from = f.next,
+            "this node's heartbeat has not come back through the stream and the follower delivers nothing: restarting its consumer from where it stands");
+        f.restart();
+        inner.faults.deaf_follower.store(false, Ordering::Release);
     }
 }
 
@@ -127,10 +198,11 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 
 async fn next_streamed(
     f: &mut Option<Follower>,
+    deaf: &AtomicBool,
 ) -> Option<Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::pull::OrderedError>> {
     match f {
-        Some(f) => f.recv().await,
-        None => std::future::pending().await,
+        Some(f) if !deaf.load(Ordering::Acquire) => f.recv().await,
+        _ => std::future::pending().await,
     }
 }
 

@@ -5,7 +5,7 @@
 //! `receiver`, `receipts`) all hold an `Arc<BusInner>`; nothing here imports them.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -70,6 +70,17 @@ impl Beats {
         self.sent.push_back((beat, at_ns));
     }
 
+    /// When the first beat sent after `t` was sent (the oldest one that cannot have come back
+    /// yet if `t` is the freshest evidence).
+    pub fn first_after(&self, t: u64) -> Option<u64> {
+        self.sent
+            .iter()
+            .rev()
+            .map(|(_, at)| *at)
+            .take_while(|at| *at > t)
+            .last()
+    }
+
     /// When `beat` was sent, if it is remembered.
     pub fn when(&self, beat: u64) -> Option<u64> {
         self.sent.iter().find(|(b, _)| *b == beat).map(|(_, at)| *at)
@@ -84,6 +95,9 @@ pub(crate) struct Faults {
     /// Batches of peers the receiver drops as if never received, on every path (a node that
     /// never applies some batches, to show a checker can see it).
     pub drop_batches: AtomicU64,
+    /// The stream follower's consumer delivers nothing until it is restarted (what a pull
+    /// request the server dropped without telling the client looks like).
+    pub deaf_follower: AtomicBool,
 }
 
 pub(crate) struct BusInner {

@@ -354,7 +354,7 @@ async fn backlog(
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             filter_subject: subjects.all_hb(),
             deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            max_expires: FOLLOWER_PULL_EXPIRY,
+            max_expires: BACKLOG_PULL_EXPIRY,
             ..Default::default()
         })
         .await
@@ -366,7 +366,7 @@ async fn backlog(
     let mut read = 0;
     while read < BACKLOG_MAX {
         // Nothing within a few pull expiries: the backlog is read (or the server went away).
-        let next = tokio::time::timeout(FOLLOWER_PULL_EXPIRY * 3, messages.next()).await;
+        let next = tokio::time::timeout(BACKLOG_PULL_EXPIRY * 3, messages.next()).await;
         let Ok(Some(Ok(msg))) = next else {
             break;
         };
@@ -432,10 +432,19 @@ pub(crate) async fn ensure_patiently(
     }
 }
 
-/// How long one pull request of the follower waits: a follower whose server went away is
-/// recreated within seconds (the client's default of 30 s would keep the caches from serving
-/// that long after a restart), at the cost of one idle pull request a second.
-const FOLLOWER_PULL_EXPIRY: Duration = Duration::from_secs(1);
+/// How long one pull request of the follower waits.
+///
+/// Not what recovers a follower whose server went away: the receiver restarts a follower that
+/// delivers nothing while this node's heartbeat is overdue (`receiver::FollowerWatch`), within
+/// half of `max_staleness`. Long rather than short because each expiry is a chance for the race
+/// that watch covers (nats-server before 2.10 drops a pull request that expires as a message
+/// arrives, without telling the client); 10 s makes that rare, and a pull request a second
+/// (the old setting) made it a matter of a minute or so per node.
+const FOLLOWER_PULL_EXPIRY: Duration = Duration::from_secs(10);
+
+/// How long one pull request of the start-up backlog reader waits; it stops after three
+/// without a message.
+const BACKLOG_PULL_EXPIRY: Duration = Duration::from_secs(1);
 
 /// How long the follower waits before trying again to (re)create its consumer.
 const FOLLOWER_RETRY: Duration = Duration::from_millis(250);
@@ -530,6 +539,17 @@ impl Follower {
                 }
             }
         }
+    }
+
+    /// Whether a consumer is in place (false while it is being recreated).
+    pub fn is_following(&self) -> bool {
+        self.messages.is_some()
+    }
+
+    /// Drops the consumer and reads again from `self.next` at once (the consumer went quiet).
+    pub fn restart(&mut self) {
+        self.messages = None;
+        self.retry_at = None;
     }
 
     /// Drops the consumer and reads again from `self.next` (after a short pause).

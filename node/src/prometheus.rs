@@ -142,6 +142,16 @@ pub fn render(state: &NodeState) -> String {
             node.contested_batches,
         ),
         (
+            "follower_rereads_total",
+            "Times the stream follower read again from a hole its consumer skipped.",
+            node.follower_rereads,
+        ),
+        (
+            "follower_restarts_total",
+            "Times the stream follower was restarted: this node's heartbeat was overdue and it delivered nothing.",
+            node.follower_restarts,
+        ),
+        (
             "duplicate_node_ids_total",
             "Heartbeats of another live process using this node's id.",
             node.duplicate_node_ids,

@@ -99,6 +99,8 @@ impl NodeState {
             peers_refused: s.peers_refused,
             stream_erasures: s.stream_erasures,
             contested_batches: s.contested_batches,
+            follower_rereads: s.follower_rereads,
+            follower_restarts: s.follower_restarts,
             serving: s.serving,
             propagation: Some(Latency {
                 count: s.propagation.count,

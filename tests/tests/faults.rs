@@ -693,3 +693,60 @@ async fn health(addr: &str) -> Option<i32> {
     .ok()?;
     Some(reply.into_inner().status)
 }
+
+/// A follower whose consumer delivers nothing without knowing it (nats-server before 2.10 drops
+/// a pull request that expires just as a message arrives, without the `408` that makes the
+/// client pull again; the client notices only after two missed idle heartbeats): the receiver
+/// sees this node's heartbeat overdue and restarts the consumer, and the node keeps serving.
+/// Without the restart the deaf follower never brings evidence again and the gate closes
+/// within the bound (4.5 s here), which the 9 s watch below would catch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_gone_deaf_is_restarted_before_the_gate_closes() {
+    let _serial = SERIAL.lock().await;
+    invalbus_tests::init_tracing();
+    let server = NatsServer::start_jetstream().await;
+    let build = |id: &str| {
+        invalbus_tests::bus_builder(&server.url(), "deaf", id)
+            .heartbeat_interval(Duration::from_millis(500))
+            .max_staleness(Duration::from_secs(6))
+            .jetstream(js())
+    };
+    let a = build("a").build().await.expect("bus a");
+    let b = build("b").build().await.expect("bus b");
+    let on_a = a
+        .cache::<u32>("c", invalbus::CacheConfig::new(100))
+        .expect("cache on a");
+    let on_b = b
+        .cache::<u32>("c", invalbus::CacheConfig::new(100))
+        .expect("cache on b");
+    assert!(
+        eventually(invalbus_tests::DEADLINE, || async { a.serving() }).await,
+        "a never served"
+    );
+    on_a.get_or_load("k", || async { Ok::<_, std::io::Error>(invalbus::Loaded::new(1)) })
+        .await
+        .expect("load k on a");
+    a.deafen_follower_for_tests();
+    let deafened = Instant::now();
+    let evidence_before = a.stats().evidence;
+    let mut invalidated = false;
+    while deafened.elapsed() < Duration::from_secs(9) {
+        assert!(
+            a.serving(),
+            "a stopped serving {:?} after its follower went deaf: {:?}",
+            deafened.elapsed(),
+            a.stats()
+        );
+        if !invalidated && deafened.elapsed() > Duration::from_secs(1) {
+            on_b.invalidate_key("k").await.expect("invalidate on b");
+            invalidated = true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = a.stats();
+    assert!(s.follower_restarts >= 1, "the deaf follower was never restarted: {s:?}");
+    // What b invalidated meanwhile reached a, and the restarted follower brought evidence again
+    // (a serves 9 s after it went deaf, beyond the 6.5 s bound, so on evidence gathered since).
+    assert_eq!(on_a.get("k").await, None, "{s:?}");
+    assert!(s.evidence > evidence_before, "{s:?}");
+}

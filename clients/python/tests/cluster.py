@@ -346,25 +346,6 @@ def serves(node: Node) -> bool:
         c.close()
 
 
-def serving_steadily(nodes: list[Node], seconds: float = 3.0, deadline: float = DEADLINE) -> None:
-    """Waits until every node of `nodes` has served reads for `seconds` in a row.
-
-    A node can stop serving for a second or two in its first seconds (seen twice in CI, with
-    both nodes just started; the cause is not found yet, see the README's "Not done yet"); tests
-    that read through a node right after the fixture starts it wait this out first.
-    """
-    end = time.monotonic() + deadline
-    since = time.monotonic()
-    while time.monotonic() < end:
-        if all(serves(n) for n in nodes):
-            if time.monotonic() - since >= seconds:
-                return
-        else:
-            since = time.monotonic()
-        time.sleep(0.05)
-    raise AssertionError(f"the nodes did not serve steadily for {seconds} s within {deadline} s")
-
-
 def peers_connected(a: Node, b: Node) -> bool:
     """True once an invalidation made through `a` reaches `b` (both joined the bus)."""
     ca, cb = a.client(), b.client()

@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cluster as cluster_module
-from cluster import Cluster, Node, peers_connected, serving_steadily, wait_for
+from cluster import Cluster, Node, peers_connected, serves, wait_for
 
 #: Lines of each node's log added to a failed test's report.
 LOG_TAIL_LINES = 150
@@ -28,7 +28,7 @@ def two_nodes() -> Iterator[tuple[Cluster, Node, Node]]:
         a = c.node("py-a")
         b = c.node("py-b", tcp=True)
         wait_for("the two nodes to see each other", lambda: peers_connected(a, b) and peers_connected(b, a))
-        serving_steadily([a, b])
+        wait_for("both nodes to serve from their caches", lambda: serves(a) and serves(b))
         yield c, a, b
     finally:
         c.close()
