@@ -520,6 +520,7 @@ impl BusBuilder {
             // An origin keeps its key while heard within two heartbeat intervals.
             trust: Trust::new(self.trust.clone(), self.heartbeat_interval * 2),
             verified: Mutex::new(VerifiedCache::default()),
+            contested_seen: Mutex::new(VerifiedCache::default()),
             duplicate_seen_ns: AtomicU64::new(0),
             unsigned: self.unsigned,
             superseded: trimmed.is_some().then(|| Arc::new(Mutex::default())),

@@ -355,6 +355,14 @@ fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
         };
         if let Err(r) = verdict {
             if contested(inner, &b, &r) {
+                // Applied once, counted once: the other path delivers the same message again.
+                let mut seen = inner.contested_seen();
+                if seen.seen(&id, &env.signature, &env.body) {
+                    return None;
+                }
+                seen.insert(id, env.signature, env.body);
+                drop(seen);
+                count_contested(inner, &b, &r);
                 return Some(Message::Contested(b));
             }
             count_untrusted(inner, origin, "batch", &r);
@@ -409,12 +417,13 @@ fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
 /// told (the holder may be a forger who claimed it while the node was away), so its
 /// invalidations are applied: dropping entries is always safe, and under this policy any key may
 /// invalidate anything under a name of its own anyway. Nothing else is: it touches no sequence
-/// tracking, receipt or applied record, and the name stays with its holder. Counted
-/// (`contested_batches`) and logged once per origin and interval.
+/// tracking, receipt or applied record, and the name stays with its holder. Applied and counted
+/// (`contested_batches`) once whichever paths deliver it, and logged once per origin and interval.
 fn contested(inner: &BusInner, b: &Batch, r: &Refusal) -> bool {
-    if !matches!(r, Refusal::WrongOrigin { .. }) || !inner.trust.pins_on_first_use() || own(inner, &b.origin, b.epoch) {
-        return false;
-    }
+    matches!(r, Refusal::WrongOrigin { .. }) && inner.trust.pins_on_first_use() && !own(inner, &b.origin, b.epoch)
+}
+
+fn count_contested(inner: &BusInner, b: &Batch, r: &Refusal) {
     inner.metrics.contested.inc();
     if inner
         .trust
@@ -423,7 +432,6 @@ fn contested(inner: &BusInner, b: &Batch, r: &Refusal) -> bool {
         tracing::warn!(node = %inner.node_id, origin = %b.origin, refusal = %r,
             "contested batch: signed by a key other than the one this origin name is pinned to; its invalidations are applied, its sequence is not tracked (logged once per origin every 10 s; see contested_batches in the stats; the `keys` trust policy says which key is whose)");
     }
-    true
 }
 
 /// Checks that a message in this process's own name was signed by this process's key (a forged

@@ -138,6 +138,9 @@ pub(crate) struct BusInner {
     /// Signatures of recently verified batches, to skip checking the same batch again when the
     /// other path delivers it.
     pub verified: Mutex<VerifiedCache>,
+    /// Recently applied contested batches (see `receiver::contested`), so that the second path
+    /// neither applies nor counts one again.
+    pub contested_seen: Mutex<VerifiedCache>,
     /// When a live process with this node id (another epoch) was last heard (clock ns; 0:
     /// never).
     pub duplicate_seen_ns: AtomicU64,
@@ -148,7 +151,7 @@ pub(crate) struct BusInner {
     pub superseded: Option<Arc<Mutex<crate::stream::Superseded>>>,
 }
 
-/// Recently verified batches, by `(origin, epoch, seq)`: the signature and body that passed.
+/// Recently verified (or contested) batches, by `(origin, epoch, seq)`: the signature and body.
 #[derive(Default)]
 pub(crate) struct VerifiedCache {
     recent: std::collections::HashMap<(String, u64, u64), (Vec<u8>, bytes::Bytes)>,
@@ -196,6 +199,10 @@ impl BusInner {
 
     pub fn verified(&self) -> MutexGuard<'_, VerifiedCache> {
         lock(&self.verified)
+    }
+
+    pub fn contested_seen(&self) -> MutexGuard<'_, VerifiedCache> {
+        lock(&self.contested_seen)
     }
 
     /// The caches an invalidation of `cache` (or of every cache) applies to.
