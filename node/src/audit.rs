@@ -22,6 +22,8 @@ use crate::pb::admin::{AuditFilter, AuditInvalidation, AuditRecord, Receipt};
 const CHUNK: u64 = 256;
 /// Most stream positions one query examines before it returns a page token to continue.
 const MAX_SCAN: u64 = 20_000;
+/// How long one pull request of a live tail's consumers waits (see `Audit::follow`).
+const TAIL_PULL_EXPIRY: Duration = Duration::from_secs(5);
 /// Publisher clocks may disagree with ours: a `since` bound stops the scan only this far past it.
 const CLOCK_MARGIN_US: u64 = 10 * 60 * 1_000_000;
 
@@ -534,6 +536,11 @@ impl Audit {
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 filter_subject: filter,
                 deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                // nats-server before 2.10 may drop a pull request that expires as a message
+                // arrives without telling the client, which recreates its consumer only after
+                // two missed idle heartbeats (half the expiry each): with the client's default
+                // of 30 s, a tail could stand still for 30 s; with 5 s, for 5 s at most.
+                max_expires: TAIL_PULL_EXPIRY,
                 ..Default::default()
             })
             .await
