@@ -10,8 +10,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::cache::{ApplyOutcome, LocalCache, Step};
-use crate::codec::{Invalidation, Target};
+use crate::codec::Invalidation;
 use crate::metrics::CacheStats;
+use crate::view::TargetRef;
 
 /// A batch from a peer, as applied on this node: what the audit log's receipts are made of.
 #[derive(Debug, Clone)]
@@ -98,14 +99,14 @@ pub enum CacheEvent {
 /// removed. A tag or prefix purge adds its count to `pending`.
 pub(crate) async fn apply_to(
     cache: &Arc<dyn Applier>,
-    target: &Target,
+    target: TargetRef<'_>,
     version: Option<u64>,
     pending: &mut PendingDrops,
 ) -> ApplyOutcome {
     match cache.apply_now(target, version) {
         Step::Done(outcome) => outcome,
         Step::RemoveKey => match target {
-            Target::Key(key) => cache.finish_key(key, version).await,
+            TargetRef::Key(key) => cache.finish_key(key, version).await,
             _ => ApplyOutcome::default(),
         },
         Step::Hidden(gen) => {
@@ -117,7 +118,7 @@ pub(crate) async fn apply_to(
 
 /// The object-safe face of a `LocalCache<V>` that the receiver applies invalidations to.
 pub(crate) trait Applier: Send + Sync {
-    fn apply_now(&self, target: &Target, version: Option<u64>) -> Step;
+    fn apply_now(&self, target: TargetRef<'_>, version: Option<u64>) -> Step;
     fn finish_key<'a>(&'a self, key: &'a str, version: Option<u64>) -> BoxFuture<'a, ApplyOutcome>;
     fn flush(&self, cause: &str) -> ApplyOutcome;
     fn swept(&self, gen: u64, patience: Duration) -> BoxFuture<'_, u64>;
@@ -127,7 +128,7 @@ pub(crate) trait Applier: Send + Sync {
 }
 
 impl<V: Clone + Send + Sync + 'static> Applier for LocalCache<V> {
-    fn apply_now(&self, target: &Target, version: Option<u64>) -> Step {
+    fn apply_now(&self, target: TargetRef<'_>, version: Option<u64>) -> Step {
         LocalCache::apply_now(self, target, version)
     }
     fn finish_key<'a>(&'a self, key: &'a str, version: Option<u64>) -> BoxFuture<'a, ApplyOutcome> {

@@ -168,8 +168,9 @@ impl BusBuilder {
         self
     }
 
-    /// How many invalidations may wait to be published before calls return
-    /// [`InvalidateError::QueueFull`] (default 65,536).
+    /// How many calls' invalidations may wait to be published before calls return
+    /// [`InvalidateError::QueueFull`] (default 65,536; a bulk call takes one place per batch it
+    /// fills, see [`crate::Bus::invalidate_many`]).
     ///
     /// ```
     /// let b = invalbus::Bus::builder().outbound_queue(1024);

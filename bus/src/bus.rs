@@ -16,6 +16,7 @@ use crate::config::{CacheConfig, Limits};
 use crate::identity::{Kind, Refusal};
 use crate::metrics::{BusStats, CacheStats};
 use crate::peers::Peer;
+use crate::publisher::BATCH_OVERHEAD;
 use crate::receipts::Receipt;
 use crate::state::{BusInner, Outgoing, Published};
 use crate::transport::{Link, PublishError};
@@ -58,7 +59,7 @@ pub enum InvalidateError {
     #[error("invalid invalidation: {0}")]
     Invalid(String),
     /// The outbound queue is full: applied locally, but peers will not hear of it.
-    #[error("outbound queue full ({0} invalidations waiting): applied locally, not published")]
+    #[error("outbound queue full ({0} calls waiting): applied locally, not published")]
     QueueFull(usize),
     /// The bus is shut down: applied locally, not published.
     #[error("the bus is shut down: applied locally, not published")]
@@ -84,6 +85,8 @@ pub enum CacheError {
 #[derive(Debug)]
 pub struct Ticket {
     rx: oneshot::Receiver<Result<Published, PublishError>>,
+    /// A bulk call's earlier groups, each published in a batch before the last one's (`rx`).
+    earlier: Vec<oneshot::Receiver<Result<Published, PublishError>>>,
     local: ApplyOutcome,
     pending: PendingDrops,
 }
@@ -106,9 +109,20 @@ impl Ticket {
     /// Waits until the batch carrying this invalidation was published: with JetStream, until
     /// the stream acknowledged it (the invalidation is then *accepted*, and the staleness bound
     /// runs from here); with core NATS, until it was handed to the NATS client, which proves
-    /// nothing about delivery.
+    /// nothing about delivery. For a bulk call ([`Bus::invalidate_many`]), until every batch
+    /// carrying its invalidations was: the first error, or the last batch's sequence.
     pub async fn published(self) -> Result<Published, PublishError> {
-        self.rx.await.unwrap_or(Err(PublishError::Closed))
+        let mut first_error = None;
+        for rx in self.earlier {
+            if let Err(e) = rx.await.unwrap_or(Err(PublishError::Closed)) {
+                first_error.get_or_insert(e);
+            }
+        }
+        let last = self.rx.await.unwrap_or(Err(PublishError::Closed));
+        match first_error {
+            Some(e) => Err(e),
+            None => last,
+        }
     }
 }
 
@@ -215,48 +229,99 @@ impl Bus {
 
     /// Applies an invalidation to the named cache (or every cache) of this node, then queues it
     /// for the peers. Returns once the local caches are invalidated.
-    pub async fn invalidate(&self, mut invalidation: Invalidation) -> Result<Ticket, InvalidateError> {
-        codec::check_invalidation(&invalidation, &self.inner.limits).map_err(InvalidateError::Invalid)?;
-        if invalidation.actor.is_empty() {
-            invalidation.actor = self.inner.actor.clone();
+    pub async fn invalidate(&self, invalidation: Invalidation) -> Result<Ticket, InvalidateError> {
+        self.invalidate_many(vec![invalidation]).await
+    }
+
+    /// Applies many invalidations (of any caches and targets) to this node, in order, then queues
+    /// them for the peers in as few batches as the limits allow: for bulk work (a migration, a
+    /// batch job), much cheaper per invalidation than one call each. The ticket is published
+    /// when every batch carrying them is. Nothing is applied if any of them is invalid; on
+    /// [`InvalidateError::QueueFull`] all were applied locally and the first groups may have
+    /// been queued, not the rest.
+    pub async fn invalidate_many(&self, mut invalidations: Vec<Invalidation>) -> Result<Ticket, InvalidateError> {
+        if invalidations.is_empty() {
+            return Err(InvalidateError::Invalid("no invalidations".into()));
         }
-        let caches = self.inner.targets(invalidation.cache.as_deref());
-        if let (Some(name), true) = (&invalidation.cache, caches.is_empty()) {
-            // Peers may hold the cache even if this node does not: still publish.
-            tracing::debug!(cache = %name, "invalidation of a cache this node does not hold");
+        for inv in &mut invalidations {
+            codec::check_invalidation(inv, &self.inner.limits).map_err(InvalidateError::Invalid)?;
+            if inv.actor.is_empty() {
+                inv.actor.clone_from(&self.inner.actor);
+            }
         }
         // Applied here before the call returns: a read on this node after it sees the effect.
         let mut local = ApplyOutcome::default();
         let mut pending = PendingDrops::default();
-        for c in &caches {
-            let out = apply_to(c, &invalidation.target, invalidation.version, &mut pending).await;
-            local.dropped += out.dropped;
-            local.flushed |= out.flushed;
+        // Bulk calls usually name one cache throughout: look it up once per run of the same name.
+        let mut resolved_for: Option<Option<&str>> = None;
+        let mut caches = Vec::new();
+        for inv in &invalidations {
+            let name = inv.cache.as_deref();
+            if resolved_for != Some(name) {
+                caches = self.inner.targets(name);
+                resolved_for = Some(name);
+                if let (Some(name), true) = (name, caches.is_empty()) {
+                    // Peers may hold the cache even if this node does not: still publish.
+                    tracing::debug!(cache = %name, "invalidation of a cache this node does not hold");
+                }
+            }
+            for c in &caches {
+                let out = apply_to(c, inv.target.borrowed(), inv.version, &mut pending).await;
+                local.dropped += out.dropped;
+                local.flushed |= out.flushed;
+            }
         }
         self.inner
-            .event(|| CacheEvent::Invalidated(Arc::from([invalidation.clone()])));
-        self.enqueue(invalidation, local, pending)
+            .event(|| CacheEvent::Invalidated(Arc::from(invalidations.as_slice())));
+        self.enqueue(invalidations, local, pending)
     }
 
+    /// Queues invalidations for the publisher in groups that each fit in one batch.
     fn enqueue(
         &self,
-        invalidation: Invalidation,
+        invalidations: Vec<Invalidation>,
         local: ApplyOutcome,
         pending: PendingDrops,
     ) -> Result<Ticket, InvalidateError> {
-        let (tx, rx) = oneshot::channel();
-        match self.inner.outbox.try_send(Outgoing {
-            invalidation,
-            done: Some(tx),
-        }) {
-            Ok(()) => Ok(Ticket { rx, local, pending }),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.inner.metrics.publish_queue_full.inc();
-                tracing::warn!(node = %self.inner.node_id, "outbound queue full: invalidation applied locally, not published");
-                Err(InvalidateError::QueueFull(self.inner.outbound_capacity))
+        let limits = &self.inner.limits;
+        let room = limits.max_publish_bytes.saturating_sub(BATCH_OVERHEAD);
+        let mut groups = Vec::new();
+        let mut group = Vec::new();
+        let mut bytes = 0;
+        for inv in invalidations {
+            let len = codec::encoded_len(&inv);
+            if !group.is_empty() && (bytes + len > room || group.len() == limits.max_batch_invalidations) {
+                groups.push((std::mem::take(&mut group), bytes));
+                bytes = 0;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(InvalidateError::Closed),
+            bytes += len;
+            group.push(inv);
         }
+        groups.push((group, bytes));
+        let mut receivers = Vec::with_capacity(groups.len());
+        for (invalidations, bytes) in groups {
+            let (tx, rx) = oneshot::channel();
+            match self.inner.outbox.try_send(Outgoing {
+                invalidations,
+                bytes,
+                done: Some(tx),
+            }) {
+                Ok(()) => receivers.push(rx),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.inner.metrics.publish_queue_full.inc();
+                    tracing::warn!(node = %self.inner.node_id, "outbound queue full: invalidation applied locally, not published");
+                    return Err(InvalidateError::QueueFull(self.inner.outbound_capacity));
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(InvalidateError::Closed),
+            }
+        }
+        let rx = receivers.pop().ok_or(InvalidateError::Closed)?;
+        Ok(Ticket {
+            rx,
+            earlier: receivers,
+            local,
+            pending,
+        })
     }
 
     /// This bus's public key (what a [`crate::TrustPolicy`] lists).
@@ -544,6 +609,21 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
     /// Invalidates `key` here and on every peer.
     pub async fn invalidate_key(&self, key: &str) -> Result<Ticket, InvalidateError> {
         self.invalidate(Target::Key(key.to_owned()), None).await
+    }
+
+    /// Invalidates many keys here and on every peer, in as few batches as the limits allow (see
+    /// [`Bus::invalidate_many`]).
+    pub async fn invalidate_keys<I>(&self, keys: I) -> Result<Ticket, InvalidateError>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let name = self.name();
+        let invalidations = keys
+            .into_iter()
+            .map(|k| Invalidation::new(Some(name), Target::Key(k.as_ref().to_owned())))
+            .collect();
+        self.bus.invalidate_many(invalidations).await
     }
 
     /// Invalidates `key` at `version`: entries of a lower version are dropped, and fills of a

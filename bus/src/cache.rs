@@ -30,10 +30,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
+#[cfg(test)]
 use crate::codec::Target;
 use crate::config::CacheConfig;
 use crate::floors::{FloorCheck, Floors};
 use crate::metrics::{CacheMetrics, CacheStats};
+use crate::view::TargetRef;
 
 /// A value returned by a loader, with the tags and version it is cached under.
 ///
@@ -648,7 +650,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
     /// `finish_key` to wait only when it must).
     #[cfg(test)]
     pub async fn apply(&self, target: &Target, version: Option<u64>) -> ApplyOutcome {
-        match self.apply_now(target, version) {
+        match self.apply_now(target.borrowed(), version) {
             Step::Done(outcome) => outcome,
             Step::RemoveKey => match target {
                 Target::Key(key) => self.finish_key(key, version).await,
@@ -664,22 +666,22 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
     /// Applies what can be applied without waiting: everything but removing an entry that moka
     /// may hold, which [`LocalCache::finish_key`] does. Most invalidations in production name keys
     /// a node does not hold, and finish here.
-    pub fn apply_now(&self, target: &Target, version: Option<u64>) -> Step {
+    pub fn apply_now(&self, target: TargetRef<'_>, version: Option<u64>) -> Step {
         self.metrics.invalidations_applied.inc();
         match target {
-            Target::Key(key) => {
+            TargetRef::Key(key) => {
                 if self.begin_key(key, version) {
                     Step::RemoveKey
                 } else {
                     Step::Done(ApplyOutcome::default())
                 }
             }
-            Target::Tag(tag) => {
+            TargetRef::Tag(tag) => {
                 let g = self.next_gen();
                 let overflow = {
                     let mut records = self.tags.write().unwrap_or_else(|e| e.into_inner());
                     records.insert(
-                        tag.as_str().into(),
+                        tag.into(),
                         Record {
                             gen: g,
                             at: Instant::now(),
@@ -698,13 +700,13 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                 self.count_for(g);
                 Step::Hidden(g)
             }
-            Target::Prefix(prefix) => {
+            TargetRef::Prefix(prefix) => {
                 let g = self.next_gen();
                 let overflow = {
                     let mut records = self.prefixes.write().unwrap_or_else(|e| e.into_inner());
-                    records.retain(|p| p.prefix != *prefix);
+                    records.retain(|p| p.prefix != prefix);
                     records.push(PrefixRecord {
-                        prefix: prefix.clone(),
+                        prefix: prefix.to_owned(),
                         gen: g,
                         at: Instant::now(),
                     });
@@ -713,7 +715,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                 self.last_prefix_gen.fetch_max(g, Ordering::SeqCst);
                 {
                     let mut map = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-                    self.detach_flights(&mut map, |k| k.starts_with(prefix.as_str()));
+                    self.detach_flights(&mut map, |k| k.starts_with(prefix));
                 }
                 if overflow {
                     return Step::Done(self.flush("purge records overflow"));
@@ -721,7 +723,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
                 self.count_for(g);
                 Step::Hidden(g)
             }
-            Target::All => Step::Done(self.flush("invalidate all")),
+            TargetRef::All => Step::Done(self.flush("invalidate all")),
         }
     }
 
@@ -1136,8 +1138,8 @@ mod tests {
         put(&c, "b:3", &[]).await;
         // Two purges before the sweep task runs (this runtime has one thread and neither call
         // yields): a:1, a:2 and b:1 are hidden by both or by x alone, and count for x.
-        let x = hidden(c.apply_now(&Target::Tag("x".into()), None));
-        let a = hidden(c.apply_now(&Target::Prefix("a:".into()), None));
+        let x = hidden(c.apply_now(TargetRef::Tag("x"), None));
+        let a = hidden(c.apply_now(TargetRef::Prefix("a:"), None));
         // An entry filled after the purges is neither removed nor counted.
         put(&c, "a:4", &["x"]).await;
         assert_eq!(c.swept(x, PATIENCE).await, 3);
@@ -1154,7 +1156,7 @@ mod tests {
         c.run_pending_tasks().await;
         assert_eq!(c.entry_count(), 3);
         // Nothing left to hide: a purge of y now counts b:2 alone.
-        let y = hidden(c.apply_now(&Target::Tag("y".into()), None));
+        let y = hidden(c.apply_now(TargetRef::Tag("y"), None));
         assert_eq!(c.swept(y, PATIENCE).await, 1);
     }
 
@@ -1165,9 +1167,9 @@ mod tests {
             let tag = if i % 2 == 0 { "even" } else { "odd" };
             put(&c, &format!("k{i}"), &[tag]).await;
         }
-        let even = hidden(c.apply_now(&Target::Tag("even".into()), None));
+        let even = hidden(c.apply_now(TargetRef::Tag("even"), None));
         assert_eq!(c.swept(even, PATIENCE).await, 10_000);
-        let k = hidden(c.apply_now(&Target::Prefix("k1".into()), None));
+        let k = hidden(c.apply_now(TargetRef::Prefix("k1"), None));
         // k1, k10..k19, k100..k199, k1000..k1999, k10000..k19999, the odd ones of them.
         assert_eq!(c.swept(k, PATIENCE).await, 5_556);
         c.run_pending_tasks().await;
@@ -1178,7 +1180,7 @@ mod tests {
     async fn a_flush_before_the_sweep_closes_the_count() {
         let c = cache();
         put(&c, "a", &["x"]).await;
-        let x = hidden(c.apply_now(&Target::Tag("x".into()), None));
+        let x = hidden(c.apply_now(TargetRef::Tag("x"), None));
         // The flush dropped the entry before the sweep could count it for x.
         assert!(c.flush("test").flushed);
         assert_eq!(c.swept(x, PATIENCE).await, 0);

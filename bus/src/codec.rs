@@ -5,10 +5,12 @@
 
 use bytes::Bytes;
 use invalbus_proto::wire;
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message;
 
 use crate::config::Limits;
 use crate::identity::{Identity, Kind};
+use crate::view::{self, BatchRef, InvalidationRef, TargetRef};
 
 /// What an invalidation removes from a cache.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -150,6 +152,10 @@ impl DecodeError {
 
 /// Checks one invalidation against the limits; used for local calls and for decoded messages.
 pub fn check_invalidation(inv: &Invalidation, limits: &Limits) -> Result<(), String> {
+    check(inv.borrowed(), limits)
+}
+
+pub(crate) fn check(inv: InvalidationRef<'_>, limits: &Limits) -> Result<(), String> {
     let text = inv.target.text();
     if text.len() > limits.max_key_bytes {
         return Err(format!(
@@ -159,20 +165,20 @@ pub fn check_invalidation(inv: &Invalidation, limits: &Limits) -> Result<(), Str
             limits.max_key_bytes
         ));
     }
-    match &inv.target {
-        Target::Key(k) if k.is_empty() => return Err("empty key".into()),
-        Target::Tag(t) if t.is_empty() => return Err("empty tag".into()),
-        Target::Tag(t) if t.contains('\0') => return Err("a tag cannot contain a NUL byte".into()),
-        Target::Prefix(p) if p.is_empty() => return Err("empty prefix (use an `all` target to drop everything)".into()),
+    match inv.target {
+        TargetRef::Key("") => return Err("empty key".into()),
+        TargetRef::Tag("") => return Err("empty tag".into()),
+        TargetRef::Tag(t) if t.contains('\0') => return Err("a tag cannot contain a NUL byte".into()),
+        TargetRef::Prefix("") => return Err("empty prefix (use an `all` target to drop everything)".into()),
         _ => {}
     }
-    if inv.version.is_some() && !matches!(inv.target, Target::Key(_)) {
+    if inv.version.is_some() && !matches!(inv.target, TargetRef::Key(_)) {
         return Err(format!(
             "a version applies to key targets only, not to a {}",
             inv.target.kind()
         ));
     }
-    if let Some(c) = &inv.cache {
+    if let Some(c) = inv.cache {
         if c.is_empty() || c.len() > limits.max_key_bytes {
             return Err("cache name must be 1 to max_key_bytes bytes".into());
         }
@@ -254,45 +260,186 @@ pub fn open(payload: &Bytes, limits: &Limits) -> Result<Envelope, DecodeError> {
     })
 }
 
-/// Encodes a batch for the wire.
+/// Encodes a batch for the wire (the bytes prost's generated code writes for the schema's
+/// `InvalidationBatch`, written from the batch without copying it into the generated types).
+/// The first invalidation's actor becomes the batch's, and is left out of every invalidation
+/// that shares it.
 pub fn encode_batch(batch: &Batch) -> Bytes {
-    let msg = wire::InvalidationBatch {
-        origin: batch.origin.clone(),
-        epoch: batch.epoch,
-        seq: batch.seq,
-        timestamp_us: batch.timestamp_us,
-        namespace: batch.namespace.clone(),
-        invalidations: batch.invalidations.iter().map(to_wire).collect(),
-    };
-    Bytes::from(msg.encode_to_vec())
+    let actor = batch_actor(batch);
+    let invalidations: usize = batch
+        .invalidations
+        .iter()
+        .map(|inv| {
+            let len = invalidation_len(inv, inv.actor != actor);
+            key_len(5) + encoded_len_varint(len as u64) + len
+        })
+        .sum();
+    let len = str_len(1, &batch.origin)
+        + u64_len(2, batch.epoch)
+        + u64_len(3, batch.seq)
+        + u64_len(4, batch.timestamp_us)
+        + invalidations
+        + str_len(6, &batch.namespace)
+        + str_len(7, actor);
+    let mut buf = Vec::with_capacity(len);
+    put_str(1, &batch.origin, &mut buf);
+    put_u64(2, batch.epoch, &mut buf);
+    put_u64(3, batch.seq, &mut buf);
+    put_u64(4, batch.timestamp_us, &mut buf);
+    for inv in &batch.invalidations {
+        let own_actor = inv.actor != actor;
+        encode_key(5, WireType::LengthDelimited, &mut buf);
+        encode_varint(invalidation_len(inv, own_actor) as u64, &mut buf);
+        put_str(1, inv.cache.as_deref().unwrap_or_default(), &mut buf);
+        match &inv.target {
+            Target::Key(k) => put_present_str(2, k, &mut buf),
+            Target::Tag(t) => put_present_str(3, t, &mut buf),
+            Target::Prefix(p) => put_present_str(4, p, &mut buf),
+            Target::All => {
+                encode_key(5, WireType::Varint, &mut buf);
+                encode_varint(1, &mut buf);
+            }
+        }
+        if let Some(v) = inv.version {
+            encode_key(6, WireType::Varint, &mut buf);
+            encode_varint(v, &mut buf);
+        }
+        put_str(7, &inv.reason, &mut buf);
+        if own_actor {
+            put_present_str(8, &inv.actor, &mut buf);
+        }
+        put_str(9, &inv.purge_id, &mut buf);
+    }
+    put_str(6, &batch.namespace, &mut buf);
+    put_str(7, actor, &mut buf);
+    debug_assert_eq!(buf.len(), len);
+    Bytes::from(buf)
 }
 
-/// Size in bytes that `inv` adds to an encoded batch (an upper bound, for batching).
+/// The actor a batch names once: its first invalidation's.
+fn batch_actor(batch: &Batch) -> &str {
+    batch.invalidations.first().map_or("", |inv| inv.actor.as_str())
+}
+
+/// At most the size in bytes that `inv` adds to an encoded batch (its actor counted, which the
+/// batch may name once for all), for batching.
 pub fn encoded_len(inv: &Invalidation) -> usize {
-    // Field tags and length prefixes: at most 3 bytes each for our size limits.
-    let w = to_wire(inv);
-    w.encoded_len() + 4
+    let len = invalidation_len(inv, true);
+    key_len(5) + encoded_len_varint(len as u64) + len
 }
 
-fn to_wire(inv: &Invalidation) -> wire::Invalidation {
-    use wire::invalidation::Target as W;
-    wire::Invalidation {
-        cache: inv.cache.clone().unwrap_or_default(),
-        target: Some(match &inv.target {
-            Target::Key(k) => W::Key(k.clone()),
-            Target::Tag(t) => W::Tag(t.clone()),
-            Target::Prefix(p) => W::Prefix(p.clone()),
-            Target::All => W::All(true),
-        }),
-        version: inv.version,
-        reason: inv.reason.clone(),
-        actor: inv.actor.clone(),
-        purge_id: inv.purge_id.clone(),
+/// The encoded size of one `Invalidation` message, without its field key and length; with its
+/// actor or without.
+fn invalidation_len(inv: &Invalidation, own_actor: bool) -> usize {
+    let target = match &inv.target {
+        Target::Key(s) | Target::Tag(s) | Target::Prefix(s) => present_str_len(2, s),
+        Target::All => key_len(5) + 1,
+    };
+    str_len(1, inv.cache.as_deref().unwrap_or_default())
+        + target
+        + inv.version.map_or(0, |v| key_len(6) + encoded_len_varint(v))
+        + str_len(7, &inv.reason)
+        + if own_actor { present_str_len(8, &inv.actor) } else { 0 }
+        + str_len(9, &inv.purge_id)
+}
+
+/// A proto3 string field: left out when empty.
+fn str_len(tag: u32, s: &str) -> usize {
+    if s.is_empty() {
+        0
+    } else {
+        present_str_len(tag, s)
+    }
+}
+
+/// A string in a oneof, or an `optional` one that is given: written even when empty.
+fn present_str_len(tag: u32, s: &str) -> usize {
+    key_len(tag) + encoded_len_varint(s.len() as u64) + s.len()
+}
+
+fn u64_len(tag: u32, v: u64) -> usize {
+    if v == 0 {
+        0
+    } else {
+        key_len(tag) + encoded_len_varint(v)
+    }
+}
+
+fn put_str(tag: u32, s: &str, buf: &mut Vec<u8>) {
+    if !s.is_empty() {
+        put_present_str(tag, s, buf);
+    }
+}
+
+fn put_present_str(tag: u32, s: &str, buf: &mut Vec<u8>) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(s.len() as u64, buf);
+    buf.extend_from_slice(s.as_bytes());
+}
+
+fn put_u64(tag: u32, v: u64, buf: &mut Vec<u8>) {
+    if v != 0 {
+        encode_key(tag, WireType::Varint, buf);
+        encode_varint(v, buf);
     }
 }
 
 /// Decodes and checks a batch that arrived on `namespace`'s subject.
 pub fn decode_batch(payload: &[u8], namespace: &str, limits: &Limits) -> Result<Batch, DecodeError> {
+    decode_batch_ref(payload, namespace, limits).map(|b| b.to_batch())
+}
+
+/// Decodes and checks a batch without copying its text (see [`crate::view`]).
+pub(crate) fn decode_batch_ref<'a>(
+    payload: &'a [u8],
+    namespace: &str,
+    limits: &Limits,
+) -> Result<BatchRef<'a>, DecodeError> {
+    if payload.len() > limits.max_message_bytes {
+        return Err(DecodeError::Oversized {
+            size: payload.len(),
+            limit: limits.max_message_bytes,
+        });
+    }
+    let b = view::parse_batch(payload, limits.max_batch_invalidations)
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    check_batch(&b, namespace, limits)?;
+    Ok(b)
+}
+
+fn check_batch(b: &BatchRef<'_>, namespace: &str, limits: &Limits) -> Result<(), DecodeError> {
+    if b.namespace != namespace {
+        return Err(DecodeError::Foreign(b.namespace.to_owned()));
+    }
+    if b.origin.is_empty() || b.origin.len() > limits.max_key_bytes {
+        return Err(DecodeError::Invalid("origin must be 1 to max_key_bytes bytes".into()));
+    }
+    if b.epoch == 0 || b.seq == 0 {
+        return Err(DecodeError::Invalid("epoch and seq must be at least 1".into()));
+    }
+    if b.invalidations.is_empty() {
+        return Err(DecodeError::Invalid("empty batch".into()));
+    }
+    if b.beyond > 0 {
+        return Err(DecodeError::Invalid(format!(
+            "{} invalidations exceed the limit of {}",
+            b.invalidations.len() + b.beyond,
+            limits.max_batch_invalidations
+        )));
+    }
+    for (i, inv) in b.invalidations.iter().enumerate() {
+        if b.untargeted == Some(i) {
+            return Err(DecodeError::Invalid(format!("invalidation {i} has no target")));
+        }
+        check(*inv, limits).map_err(|e| DecodeError::Invalid(format!("invalidation {i}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Decodes a batch with prost's generated code: what [`decode_batch`] must agree with (the
+/// fuzz target and the tests compare the two).
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn decode_batch_with_prost(payload: &[u8], namespace: &str, limits: &Limits) -> Result<Batch, DecodeError> {
     if payload.len() > limits.max_message_bytes {
         return Err(DecodeError::Oversized {
             size: payload.len(),
@@ -334,7 +481,7 @@ pub fn decode_batch(payload: &[u8], namespace: &str, limits: &Limits) -> Result<
             target,
             version: w.version,
             reason: w.reason,
-            actor: w.actor,
+            actor: w.actor.unwrap_or_else(|| msg.actor.clone()),
             purge_id: w.purge_id,
         };
         check_invalidation(&inv, limits).map_err(|e| DecodeError::Invalid(format!("invalidation {i}: {e}")))?;
@@ -348,6 +495,39 @@ pub fn decode_batch(payload: &[u8], namespace: &str, limits: &Limits) -> Result<
         namespace: msg.namespace,
         invalidations,
     })
+}
+
+/// The schema's generated type of a batch, encoded by prost (what [`encode_batch`] must match).
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn encode_batch_with_prost(batch: &Batch) -> Bytes {
+    use wire::invalidation::Target as W;
+    let actor = batch_actor(batch);
+    let msg = wire::InvalidationBatch {
+        actor: actor.to_owned(),
+        origin: batch.origin.clone(),
+        epoch: batch.epoch,
+        seq: batch.seq,
+        timestamp_us: batch.timestamp_us,
+        namespace: batch.namespace.clone(),
+        invalidations: batch
+            .invalidations
+            .iter()
+            .map(|inv| wire::Invalidation {
+                cache: inv.cache.clone().unwrap_or_default(),
+                target: Some(match &inv.target {
+                    Target::Key(k) => W::Key(k.clone()),
+                    Target::Tag(t) => W::Tag(t.clone()),
+                    Target::Prefix(p) => W::Prefix(p.clone()),
+                    Target::All => W::All(true),
+                }),
+                version: inv.version,
+                reason: inv.reason.clone(),
+                actor: (inv.actor != actor).then(|| inv.actor.clone()),
+                purge_id: inv.purge_id.clone(),
+            })
+            .collect(),
+    };
+    Bytes::from(msg.encode_to_vec())
 }
 
 /// Longest admin address a heartbeat may announce.
@@ -443,6 +623,167 @@ mod tests {
         let b = batch();
         let bytes = encode_batch(&b);
         assert_eq!(decode_batch(&bytes, "ns", &Limits::default()).unwrap(), b);
+    }
+
+    fn varied() -> Batch {
+        let mut b = batch();
+        let mut full = Invalidation::new(Some("users"), Target::Key("user:ü".into()));
+        full.version = Some(u64::MAX);
+        full.reason = "profile saved".into();
+        full.actor = "svc".into();
+        full.purge_id = "p-1".into();
+        b.invalidations.push(full);
+        b.invalidations.push(Invalidation::new(None, Target::Tag("t".into())));
+        b.invalidations
+            .push(Invalidation::new(Some("c"), Target::Prefix("a:".into())));
+        b.invalidations
+            .push(Invalidation::new(Some("c"), Target::Key("k".repeat(300))));
+        b.epoch = u64::MAX;
+        b.seq = 300;
+        b.timestamp_us = 0;
+        b
+    }
+
+    /// Whether the borrowed decoder and prost's agree on `bytes` (the same batch, or both refuse).
+    fn agree(bytes: &[u8], limits: &Limits) -> bool {
+        match (
+            decode_batch(bytes, "ns", limits),
+            decode_batch_with_prost(bytes, "ns", limits),
+        ) {
+            (Ok(a), Ok(b)) => a == b,
+            (Err(_), Err(_)) => true,
+            _ => false,
+        }
+    }
+
+    /// Actors shared, one of them given as empty.
+    fn shared_actor() -> Batch {
+        let mut b = varied();
+        for inv in &mut b.invalidations {
+            inv.actor = "svc".into();
+        }
+        b.invalidations[2].actor.clear();
+        b
+    }
+
+    #[test]
+    fn encodes_as_prost_does() {
+        let b = shared_actor();
+        assert_eq!(decode_batch(&encode_batch(&b), "ns", &Limits::default()).unwrap(), b);
+        // The shared actor is written once, for the batch.
+        assert_eq!(encode_batch(&b).windows(3).filter(|w| w == b"svc").count(), 1);
+        for b in [batch(), varied(), shared_actor()] {
+            assert_eq!(encode_batch(&b), encode_batch_with_prost(&b));
+            // An upper bound, for batching: each invalidation's actor counted.
+            let lens: usize = b.invalidations.iter().map(encoded_len).sum();
+            let mut empty = b.clone();
+            empty.invalidations.clear();
+            assert!(encode_batch(&b).len() <= encode_batch(&empty).len() + lens + 64);
+        }
+    }
+
+    #[test]
+    fn decodes_as_prost_does() {
+        let limits = Limits::default();
+        let b = varied();
+        let bytes = encode_batch(&b).to_vec();
+        assert_eq!(decode_batch(&bytes, "ns", &limits).unwrap(), b);
+        let key = |tag: u32, wt: u8| vec![((tag << 3) | u32::from(wt)) as u8];
+        let field = |tag: u32, body: &[u8]| [key(tag, 2), vec![body.len() as u8], body.to_vec()].concat();
+        let inv = |body: &[u8]| field(5, body);
+        let head = [field(1, b"a"), key(2, 0), vec![7], key(3, 0), vec![1], field(6, b"ns")].concat();
+        let cases: Vec<Vec<u8>> = vec![
+            // A scalar given twice: the last one counts.
+            [head.clone(), key(3, 0), vec![9], inv(&field(2, b"k"))].concat(),
+            // A oneof given twice: the last one counts, whatever its kind.
+            [head.clone(), inv(&[field(2, b"k"), field(3, b"t")].concat())].concat(),
+            [head.clone(), inv(&[field(3, b"t"), key(5, 0), vec![1]].concat())].concat(),
+            // `all: false`, and no target at all.
+            [head.clone(), inv(&[key(5, 0), vec![0]].concat())].concat(),
+            [head.clone(), inv(&field(1, b"c"))].concat(),
+            // Unknown fields of every wire type, at both levels, and a group.
+            [
+                head.clone(),
+                key(15, 0),
+                vec![0x80, 1],
+                key(14, 1),
+                vec![0; 8],
+                key(13, 5),
+                vec![0; 4],
+                field(12, b"x"),
+                inv(&[field(2, b"k"), key(11, 3), key(1, 0), vec![5], key(11, 4)].concat()),
+            ]
+            .concat(),
+            // A group that ends with another tag, an end with no start, groups nested too deep.
+            [head.clone(), inv(&field(2, b"k")), key(11, 3), key(12, 4)].concat(),
+            [head.clone(), inv(&field(2, b"k")), key(11, 4)].concat(),
+            [head.clone(), inv(&field(2, b"k")), vec![0x5b; 101], vec![0x5c; 101]].concat(),
+            [
+                head.clone(),
+                inv(&[field(2, b"k"), vec![0x5b; 99], vec![0x5c; 99]].concat()),
+            ]
+            .concat(),
+            [
+                head.clone(),
+                inv(&[field(2, b"k"), vec![0x5b; 100], vec![0x5c; 100]].concat()),
+            ]
+            .concat(),
+            // Wrong wire types, bad UTF-8, a length past the end, a varint too long.
+            [head.clone(), key(2, 2), vec![0], inv(&field(2, b"k"))].concat(),
+            [head.clone(), inv(&[key(2, 0), vec![1]].concat())].concat(),
+            [head.clone(), inv(&field(2, b"\xff"))].concat(),
+            [head.clone(), key(5, 2), vec![50], field(2, b"k")].concat(),
+            [head.clone(), key(2, 0), vec![0xff; 11]].concat(),
+            // A tag of 0.
+            [head.clone(), vec![0x02, 0]].concat(),
+            // The batch's actor, after the invalidations, for those that give none (not for
+            // one that gives an empty one).
+            [
+                head.clone(),
+                inv(&field(2, b"k")),
+                inv(&[field(2, b"k"), field(8, b"")].concat()),
+                field(7, b"ops"),
+            ]
+            .concat(),
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            assert!(
+                agree(c, &limits),
+                "case {i}: {:?} against {:?}",
+                decode_batch(c, "ns", &limits),
+                decode_batch_with_prost(c, "ns", &limits)
+            );
+        }
+        assert!(decode_batch(&cases[0], "ns", &limits).unwrap().seq == 9);
+        assert!(decode_batch(&cases[5], "ns", &limits).is_ok());
+        let actors: Vec<String> = decode_batch(cases.last().unwrap(), "ns", &limits)
+            .unwrap()
+            .invalidations
+            .into_iter()
+            .map(|i| i.actor)
+            .collect();
+        assert_eq!(actors, ["ops", ""]);
+        // Every truncation and many byte flips of a real batch (a fixed pseudo-random walk).
+        for end in 0..bytes.len() {
+            assert!(agree(&bytes[..end], &limits), "truncated at {end}");
+        }
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            let mut m = bytes.clone();
+            for _ in 0..3 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (x % m.len() as u64) as usize;
+                m[at] = (x >> 32) as u8;
+            }
+            assert!(agree(&m, &limits), "{m:?}");
+        }
+        let few = Limits {
+            max_batch_invalidations: 2,
+            ..Limits::default()
+        };
+        assert!(agree(&bytes, &few) && decode_batch(&bytes, "ns", &few).is_err());
     }
 
     #[test]

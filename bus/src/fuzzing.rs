@@ -10,6 +10,8 @@ use crate::identity::{Identity, Kind};
 use crate::transport::InProcessHub;
 use crate::Bus;
 
+pub use crate::codec::{decode_batch_with_prost, encode_batch_with_prost};
+
 static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

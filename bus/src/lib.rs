@@ -166,6 +166,7 @@ mod receiver;
 mod state;
 mod stream;
 mod transport;
+mod view;
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -186,6 +187,7 @@ pub use peers::Peer;
 pub use receipts::{all_receipts, receipt_subject, receipts_stream, Receipt};
 pub use state::{now_us, Published};
 pub use transport::{InProcessHub, PublishError};
+pub use view::TargetRef;
 
 // The README's usage example is compiled and run as a doctest too.
 #[cfg(doctest)]

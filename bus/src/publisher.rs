@@ -40,18 +40,21 @@ pub(crate) async fn publisher(
                 _ = shutdown.wait_for(|s| *s) => { closing = true; continue; }
             }
         };
-        let mut bytes = codec::encoded_len(&first.invalidation) + 64;
+        // Whole calls go into one batch: a call's invalidations (a bulk call's group) fit in one.
+        let mut bytes = first.bytes + BATCH_OVERHEAD;
+        let mut count = first.invalidations.len();
         let mut items = vec![first];
-        while items.len() < max_items {
+        while count < max_items {
             match rx.try_recv() {
                 Ok(next) => {
-                    let len = codec::encoded_len(&next.invalidation);
-                    if bytes + len > max_bytes {
+                    if bytes + next.bytes > max_bytes || count + next.invalidations.len() > max_items {
                         // Keep it for the next batch.
                         publish_batch(&inner, &subject, std::mem::take(&mut items)).await;
-                        bytes = 64;
+                        bytes = BATCH_OVERHEAD;
+                        count = 0;
                     }
-                    bytes += len;
+                    bytes += next.bytes;
+                    count += next.invalidations.len();
                     items.push(next);
                 }
                 Err(_) => break,
@@ -63,11 +66,20 @@ pub(crate) async fn publisher(
     }
 }
 
+/// What a batch holds besides its invalidations (origin, epoch, sequence, time, namespace), at
+/// most, for batching: the limits keep room for it.
+pub(crate) const BATCH_OVERHEAD: usize = 64;
+
 async fn publish_batch(inner: &BusInner, subject: &str, items: Vec<Outgoing>) {
     // The sequence is used up whatever becomes of the publish: a batch that failed may still
     // have reached some peers, and reusing its number would make them skip the next one.
     let seq = inner.last_seq.load(Ordering::SeqCst) + 1;
-    let (invalidations, done): (Vec<_>, Vec<_>) = items.into_iter().map(|o| (o.invalidation, o.done)).unzip();
+    let mut invalidations = Vec::with_capacity(items.iter().map(|o| o.invalidations.len()).sum());
+    let mut done = Vec::with_capacity(items.len());
+    for o in items {
+        invalidations.extend(o.invalidations);
+        done.push(o.done);
+    }
     let n = invalidations.len() as u64;
     let batch = Batch {
         origin: inner.node_id.clone(),

@@ -52,11 +52,12 @@ use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::apply::{apply_to, Applied, CacheEvent, PendingDrops};
-use crate::codec::{self, Batch, DecodeError, Heartbeat};
+use crate::codec::{self, DecodeError, Heartbeat};
 use crate::identity::{self, Kind, Refusal};
 use crate::state::{now_us, BusInner};
 use crate::stream::{Follower, Hole};
 use crate::transport::{LinkEvent, Received};
+use crate::view::{BatchRef, TargetRef};
 
 /// Which path a message came by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,17 +289,24 @@ fn count_untrusted(inner: &BusInner, origin: &str, what: &str, r: &Refusal) {
     }
 }
 
-/// A decoded message of the namespace, its signature checked.
-enum Message {
-    Batch(Batch),
+/// A decoded message of the namespace, its signature checked. A batch borrows its text from
+/// the envelope it came in.
+enum Message<'a> {
+    Batch(BatchRef<'a>),
     /// A batch whose origin name another key holds ([`contested`]).
-    Contested(Batch),
+    Contested(BatchRef<'a>),
     Heartbeat(Heartbeat),
 }
 
-/// Opens a message's envelope, decodes it, checks that it was published on its origin's
-/// subject, and checks its signature and the trust policy, before anything else looks at it.
-fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
+/// A message's envelope, opened: what kind of message its subject says it holds, and whose.
+struct Opened<'s> {
+    kind: &'s str,
+    origin: &'s str,
+    env: codec::Envelope,
+}
+
+/// Opens a message's envelope (see [`decode`]).
+fn open<'s>(inner: &BusInner, subject: &'s str, payload: &Bytes) -> Option<Opened<'s>> {
     let Some((kind, origin)) = inner.subjects.parse(subject) else {
         inner.metrics.invalid.inc();
         tracing::warn!(node = %inner.node_id, subject, "message on an unknown subject dropped");
@@ -316,20 +324,27 @@ fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
     } else {
         codec::open(payload, &inner.limits)
     };
-    let env = match opened {
-        Ok(env) => env,
+    match opened {
+        Ok(env) => Some(Opened { kind, origin, env }),
         Err(DecodeError::Invalid(why)) => {
             count_untrusted(inner, origin, kind, &Refusal::BadSignature(why));
-            return None;
+            None
         }
         Err(e) => {
             count_refusal(inner, origin, &e);
-            return None;
+            None
         }
-    };
+    }
+}
+
+/// Decodes an opened message, checks that it was published on its origin's subject, and checks
+/// its signature and the trust policy, before anything else looks at it.
+fn decode<'a>(inner: &BusInner, opened: &'a Opened<'_>) -> Option<Message<'a>> {
+    let Opened { kind, origin, env } = opened;
+    let (kind, origin) = (*kind, *origin);
     let now = inner.gate.now();
     if kind == "inv" {
-        let b = match codec::decode_batch(&env.body, &inner.namespace, &inner.limits) {
+        let b = match codec::decode_batch_ref(&env.body, &inner.namespace, &inner.limits) {
             Ok(b) if b.origin == origin => b,
             Ok(b) => {
                 let e = DecodeError::Invalid(format!("batch of {:?} on the subject of {origin:?}", b.origin));
@@ -341,16 +356,21 @@ fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
                 return None;
             }
         };
-        let id = (b.origin.clone(), b.epoch, b.seq);
-        if inner.unsigned || inner.verified().seen(&id, &env.signature, &env.body) {
+        if inner.unsigned {
             return Some(Message::Batch(b));
         }
-        let verdict = if own(inner, &b.origin, b.epoch) {
-            own_signature(inner, Kind::Batch, &env)
+        // With a stream, a batch comes by both paths: its signature is checked on the first.
+        let dedup = inner.follows_stream;
+        let id = (b.origin.to_owned(), b.epoch, b.seq);
+        if dedup && inner.verified().seen(&id, &env.signature, &env.body) {
+            return Some(Message::Batch(b));
+        }
+        let verdict = if own(inner, b.origin, b.epoch) {
+            own_signature(inner, Kind::Batch, env)
         } else {
             inner
                 .trust
-                .verify(Kind::Batch, &env.body, &env.signer, &env.signature, &b.origin, now)
+                .verify(Kind::Batch, &env.body, &env.signer, &env.signature, b.origin, now)
                 .and_then(|signer| authorized(&signer, &b))
         };
         if let Err(r) = verdict {
@@ -360,7 +380,7 @@ fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
                 if seen.seen(&id, &env.signature, &env.body) {
                     return None;
                 }
-                seen.insert(id, env.signature, env.body);
+                seen.insert(id, env.signature.clone(), env.body.clone());
                 drop(seen);
                 count_contested(inner, &b, &r);
                 return Some(Message::Contested(b));
@@ -368,7 +388,9 @@ fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
             count_untrusted(inner, origin, "batch", &r);
             return None;
         }
-        inner.verified().insert(id, env.signature, env.body);
+        if dedup {
+            inner.verified().insert(id, env.signature.clone(), env.body.clone());
+        }
         return Some(Message::Batch(b));
     }
     let h = match codec::decode_heartbeat(&env.body, &inner.namespace, &inner.limits) {
@@ -387,7 +409,7 @@ fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
         Ok(())
     } else if h.origin == inner.node_id {
         if h.epoch == inner.epoch {
-            own_signature(inner, Kind::Heartbeat, &env)
+            own_signature(inner, Kind::Heartbeat, env)
         } else {
             // Another process with this node id: trusted by the policy (never by a pin: this
             // node's name is its own), it is a live duplicate to report.
@@ -419,16 +441,13 @@ fn decode(inner: &BusInner, subject: &str, payload: &Bytes) -> Option<Message> {
 /// invalidate anything under a name of its own anyway. Nothing else is: it touches no sequence
 /// tracking, receipt or applied record, and the name stays with its holder. Applied and counted
 /// (`contested_batches`) once whichever paths deliver it, and logged once per origin and interval.
-fn contested(inner: &BusInner, b: &Batch, r: &Refusal) -> bool {
-    matches!(r, Refusal::WrongOrigin { .. }) && inner.trust.pins_on_first_use() && !own(inner, &b.origin, b.epoch)
+fn contested(inner: &BusInner, b: &BatchRef<'_>, r: &Refusal) -> bool {
+    matches!(r, Refusal::WrongOrigin { .. }) && inner.trust.pins_on_first_use() && !own(inner, b.origin, b.epoch)
 }
 
-fn count_contested(inner: &BusInner, b: &Batch, r: &Refusal) {
+fn count_contested(inner: &BusInner, b: &BatchRef<'_>, r: &Refusal) {
     inner.metrics.contested.inc();
-    if inner
-        .trust
-        .should_log(&b.origin, inner.gate.now(), REFUSAL_LOG_INTERVAL)
-    {
+    if inner.trust.should_log(b.origin, inner.gate.now(), REFUSAL_LOG_INTERVAL) {
         tracing::warn!(node = %inner.node_id, origin = %b.origin, refusal = %r,
             "contested batch: signed by a key other than the one this origin name is pinned to; its invalidations are applied, its sequence is not tracked (logged once per origin every 10 s; see contested_batches in the stats; the `keys` trust policy says which key is whose)");
     }
@@ -449,10 +468,10 @@ fn own_signature(inner: &BusInner, kind: Kind, env: &codec::Envelope) -> Result<
 }
 
 /// Whether the signer may make every invalidation of the batch.
-fn authorized(signer: &identity::Verified, b: &Batch) -> Result<(), Refusal> {
+fn authorized(signer: &identity::Verified, b: &BatchRef<'_>) -> Result<(), Refusal> {
     for inv in &b.invalidations {
         let (allowed, what) = match inv.target {
-            crate::codec::Target::Key(_) => (signer.scopes.keys, "invalidate keys"),
+            TargetRef::Key(_) => (signer.scopes.keys, "invalidate keys"),
             _ => (signer.scopes.purge, "purge by tag, prefix or everything"),
         };
         if !allowed {
@@ -473,18 +492,21 @@ fn own(inner: &BusInner, origin: &str, epoch: u64) -> bool {
 /// A message on the live path.
 async fn on_live(inner: &BusInner, subject: &str, payload: Bytes, echo: &mut Echo) {
     let stream = inner.follows_stream;
-    match decode(inner, subject, &payload) {
+    let Some(opened) = open(inner, subject, &payload) else {
+        return;
+    };
+    match decode(inner, &opened) {
         Some(Message::Batch(batch)) => {
-            if own(inner, &batch.origin, batch.epoch) {
+            if own(inner, batch.origin, batch.epoch) {
                 inner.metrics.echoes_skipped.inc();
                 return;
             }
             let verdict = {
                 let mut origins = inner.origins();
                 if stream {
-                    origins.live(&batch.origin, batch.epoch, batch.seq)
+                    origins.live(batch.origin, batch.epoch, batch.seq)
                 } else {
-                    origins.only(&batch.origin, batch.epoch, batch.seq)
+                    origins.only(batch.origin, batch.epoch, batch.seq)
                 }
             };
             if verdict.lost > 0 {
@@ -495,12 +517,12 @@ async fn on_live(inner: &BusInner, subject: &str, payload: Bytes, echo: &mut Ech
                 ));
             }
             if verdict.apply && !dropped_by_test_hook(inner) {
-                apply_batch(inner, batch, Path::Live, Tracking::Tracked).await;
+                apply_batch(inner, &batch, Path::Live, Tracking::Tracked).await;
             } else if !verdict.apply {
                 inner.metrics.duplicates.inc();
             }
         }
-        Some(Message::Contested(batch)) => apply_batch(inner, batch, Path::Live, Tracking::ApplyOnly).await,
+        Some(Message::Contested(batch)) => apply_batch(inner, &batch, Path::Live, Tracking::ApplyOnly).await,
         Some(Message::Heartbeat(hb)) => {
             if own(inner, &hb.origin, hb.epoch) {
                 if !stream {
@@ -590,12 +612,15 @@ async fn on_streamed(inner: &BusInner, f: &mut Follower, msg: async_nats::jetstr
                 .heartbeat(origin, seq);
         }
     }
-    match decode(inner, msg.subject.as_str(), &msg.payload) {
+    let Some(opened) = open(inner, msg.subject.as_str(), &msg.payload) else {
+        return;
+    };
+    match decode(inner, &opened) {
         Some(Message::Batch(batch)) => {
-            if own(inner, &batch.origin, batch.epoch) {
+            if own(inner, batch.origin, batch.epoch) {
                 return;
             }
-            let verdict = inner.origins().streamed(&batch.origin, batch.epoch, batch.seq);
+            let verdict = inner.origins().streamed(batch.origin, batch.epoch, batch.seq);
             if verdict.lost > 0 {
                 inner.metrics.gaps.inc();
                 inner.flush_all(&format!(
@@ -605,10 +630,10 @@ async fn on_streamed(inner: &BusInner, f: &mut Follower, msg: async_nats::jetstr
             }
             if verdict.apply && !dropped_by_test_hook(inner) {
                 inner.metrics.replayed.inc();
-                apply_batch(inner, batch, Path::Stream, Tracking::Tracked).await;
+                apply_batch(inner, &batch, Path::Stream, Tracking::Tracked).await;
             }
         }
-        Some(Message::Contested(batch)) => apply_batch(inner, batch, Path::Stream, Tracking::ApplyOnly).await,
+        Some(Message::Contested(batch)) => apply_batch(inner, &batch, Path::Stream, Tracking::ApplyOnly).await,
         Some(Message::Heartbeat(hb)) => {
             if own(inner, &hb.origin, hb.epoch) {
                 // The evidence: everything stored before this heartbeat has been applied.
@@ -716,7 +741,7 @@ enum Tracking {
 
 /// Applies a peer's batch to the caches and, unless it is contested, announces it (receipts,
 /// the applied record); followers of the cache events hear of it either way.
-async fn apply_batch(inner: &BusInner, batch: Batch, path: Path, tracking: Tracking) {
+async fn apply_batch(inner: &BusInner, batch: &BatchRef<'_>, path: Path, tracking: Tracking) {
     let span = tracing::debug_span!("apply", node = %inner.node_id, origin = %batch.origin, epoch = batch.epoch, seq = batch.seq, ?path);
     async {
         let mut dropped = 0;
@@ -727,7 +752,7 @@ async fn apply_batch(inner: &BusInner, batch: Batch, path: Path, tracking: Track
         let mut resolved_for: Option<Option<&str>> = None;
         let mut caches = Vec::new();
         for inv in &batch.invalidations {
-            let name = inv.cache.as_deref();
+            let name = inv.cache;
             if resolved_for != Some(name) {
                 caches = inner.targets(name);
                 resolved_for = Some(name);
@@ -736,15 +761,15 @@ async fn apply_batch(inner: &BusInner, batch: Batch, path: Path, tracking: Track
                 inner.metrics.unknown_cache.inc();
             }
             for c in &caches {
-                let out = apply_to(c, &inv.target, inv.version, &mut pending).await;
+                let out = apply_to(c, inv.target, inv.version, &mut pending).await;
                 dropped += out.dropped;
                 flushed |= out.flushed;
             }
             if !inv.purge_id.is_empty() {
-                purge_ids.push(inv.purge_id.clone());
+                purge_ids.push(inv.purge_id.to_owned());
             }
         }
-        inner.event(|| CacheEvent::Invalidated(Arc::from(batch.invalidations.as_slice())));
+        inner.event(|| CacheEvent::Invalidated(batch.invalidations.iter().map(|i| i.to_invalidation()).collect()));
         if tracking == Tracking::ApplyOnly {
             return;
         }
@@ -760,7 +785,7 @@ async fn apply_batch(inner: &BusInner, batch: Batch, path: Path, tracking: Track
             .propagation
             .record(applied_us.saturating_sub(batch.timestamp_us));
         let _ = inner.applied.send(Applied {
-            origin: batch.origin,
+            origin: batch.origin.to_owned(),
             epoch: batch.epoch,
             seq: batch.seq,
             published_us: batch.timestamp_us,

@@ -39,9 +39,12 @@ pub struct Published {
     pub seq: u64,
 }
 
-/// One invalidation waiting to be published, and who waits for it.
+/// Invalidations waiting to be published in one batch (one call's, or a group of a bulk call's,
+/// within the batch limits), and who waits for them.
 pub(crate) struct Outgoing {
-    pub invalidation: Invalidation,
+    pub invalidations: Vec<Invalidation>,
+    /// Their encoded size in a batch (`codec::encoded_len`, summed).
+    pub bytes: usize,
     pub done: Option<oneshot::Sender<Result<Published, PublishError>>>,
 }
 
@@ -151,15 +154,20 @@ pub(crate) struct BusInner {
     pub superseded: Option<Arc<Mutex<crate::stream::Superseded>>>,
 }
 
-/// Recently verified (or contested) batches, by `(origin, epoch, seq)`: the signature and body.
+/// Recently verified (or contested) batches, by `(origin, epoch, seq)`: the signature and body,
+/// the latest [`VerifiedCache::KEPT`] of them within [`VerifiedCache::KEPT_BYTES`] of bodies.
 #[derive(Default)]
 pub(crate) struct VerifiedCache {
     recent: std::collections::HashMap<(String, u64, u64), (Vec<u8>, bytes::Bytes)>,
     order: VecDeque<(String, u64, u64)>,
+    bytes: usize,
 }
 
 impl VerifiedCache {
     const KEPT: usize = 4096;
+    /// The bodies kept pin the received messages' buffers: a bound on their size, so that a
+    /// stream of large batches keeps a few megabytes, not thousands of batches.
+    const KEPT_BYTES: usize = 8 << 20;
 
     /// Whether exactly this body, with exactly this signature, was verified before.
     pub fn seen(&self, id: &(String, u64, u64), signature: &[u8], body: &[u8]) -> bool {
@@ -169,11 +177,16 @@ impl VerifiedCache {
     }
 
     pub fn insert(&mut self, id: (String, u64, u64), signature: Vec<u8>, body: bytes::Bytes) {
-        if self.recent.insert(id.clone(), (signature, body)).is_none() {
-            self.order.push_back(id);
-            while self.order.len() > Self::KEPT {
-                if let Some(old) = self.order.pop_front() {
-                    self.recent.remove(&old);
+        let len = body.len();
+        match self.recent.insert(id.clone(), (signature, body)) {
+            None => self.order.push_back(id),
+            Some((_, old)) => self.bytes -= old.len(),
+        }
+        self.bytes += len;
+        while self.order.len() > Self::KEPT || (self.bytes > Self::KEPT_BYTES && self.order.len() > 1) {
+            if let Some(old) = self.order.pop_front() {
+                if let Some((_, b)) = self.recent.remove(&old) {
+                    self.bytes -= b.len();
                 }
             }
         }

@@ -135,6 +135,125 @@ async fn key_invalidation_reaches_both_peers_and_spares_other_keys() {
     }
 }
 
+/// A bulk call: every invalidation applied on the writer before it returns and on both peers,
+/// in as many batches as the writer's batch limit makes, one ticket for them all; its actor and
+/// an invalidation's own (empty) actor arrive as given; an invalid one refuses the whole call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_invalidation_reaches_both_peers_in_batches_under_one_ticket() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let limits = Limits {
+        max_batch_invalidations: 64,
+        ..Limits::default()
+    };
+    let a = bus_builder(&server.url(), NS, "a")
+        .limits(limits)
+        .actor("migration")
+        .build()
+        .await
+        .unwrap();
+    let writer: Cache<String> = a.cache("articles", config()).unwrap();
+    let mut peers = Vec::new();
+    for id in ["b", "c"] {
+        let b = bus(&server.url(), NS, id).await;
+        peers.push(b.cache::<String>("articles", config()).unwrap());
+    }
+    let keys: Vec<String> = (0..200).map(|i| format!("article:{i}")).collect();
+    for c in std::iter::once(&writer).chain(&peers) {
+        for k in &keys {
+            fill(c, k, Loaded::new("v1".into())).await;
+        }
+        fill(c, "spared", Loaded::new("v1".into())).await;
+    }
+    let mut events = peers[0].bus().subscribe_events();
+    let before = a.stats().batches_published;
+    let ticket = writer.invalidate_keys(&keys).await.unwrap();
+    assert_eq!(
+        ticket.local().dropped,
+        200,
+        "applied on the writer before the call returned"
+    );
+    let published = ticket.published().await.unwrap();
+    assert_eq!(
+        a.stats().batches_published - before,
+        4,
+        "200 invalidations in batches of 64"
+    );
+    assert_eq!(
+        published.seq,
+        a.last_published_seq(),
+        "the ticket waits for the last batch"
+    );
+    for p in &peers {
+        applied_at_least(p.bus(), 200).await;
+        for k in &keys {
+            absent(p, k, "a key of the bulk call survived on a peer").await;
+        }
+        assert_eq!(
+            p.get("spared").await.as_deref(),
+            Some("v1"),
+            "a bulk call dropped another key"
+        );
+    }
+    let mut actors = std::collections::BTreeSet::new();
+    let mut seen = 0;
+    while seen < 200 {
+        match tokio::time::timeout(DEADLINE, events.recv()).await {
+            Ok(Ok(invalbus::CacheEvent::Invalidated(invs))) => {
+                seen += invs.len();
+                actors.extend(invs.iter().map(|i| i.actor.clone()));
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("b's events ended after {seen} invalidations: {other:?}"),
+        }
+    }
+    assert_eq!(
+        actors,
+        ["migration".to_owned()].into(),
+        "every invalidation names the bus's actor"
+    );
+
+    // Mixed targets and caches, one of them with an actor of its own.
+    let mut own = Invalidation::new(Some("articles"), Target::Key("spared".into()));
+    own.actor = "ops".into();
+    let mut many = vec![Invalidation::new(Some("articles"), Target::Tag("t".into())), own];
+    many.push(Invalidation::new(Some("other"), Target::Prefix("x".into())));
+    let mut events = peers[1].bus().subscribe_events();
+    a.invalidate_many(many).await.unwrap().published().await.unwrap();
+    let got = loop {
+        match tokio::time::timeout(DEADLINE, events.recv()).await {
+            Ok(Ok(invalbus::CacheEvent::Invalidated(invs))) if invs.len() == 3 => break invs,
+            Ok(Ok(_)) => continue,
+            other => panic!("the mixed bulk call did not reach c: {other:?}"),
+        }
+    };
+    let actors: Vec<&str> = got.iter().map(|i| i.actor.as_str()).collect();
+    assert_eq!(actors, ["migration", "ops", "migration"]);
+    gone(&peers[1], "spared").await;
+
+    // One invalid invalidation: nothing applied, nothing published.
+    fill(&writer, "kept", Loaded::new("v1".into())).await;
+    let published = a.stats().batches_published;
+    let bad = vec![
+        Invalidation::new(Some("articles"), Target::Key("kept".into())),
+        Invalidation::new(Some("articles"), Target::Key(String::new())),
+    ];
+    assert!(matches!(
+        a.invalidate_many(bad).await,
+        Err(invalbus::InvalidateError::Invalid(_))
+    ));
+    assert!(matches!(
+        a.invalidate_many(Vec::new()).await,
+        Err(invalbus::InvalidateError::Invalid(_))
+    ));
+    assert_eq!(
+        writer.get("kept").await.as_deref(),
+        Some("v1"),
+        "a refused bulk call applied some of it"
+    );
+    assert_eq!(a.stats().batches_published, published);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versioned_invalidation_reaches_both_peers_and_refuses_older_fills() {
     let t = Trio::start().await;

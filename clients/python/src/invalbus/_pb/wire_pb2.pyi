@@ -17,20 +17,22 @@ class Signed(_message.Message):
     def __init__(self, body: _Optional[bytes] = ..., signer: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class InvalidationBatch(_message.Message):
-    __slots__ = ("origin", "epoch", "seq", "timestamp_us", "invalidations", "namespace")
+    __slots__ = ("origin", "epoch", "seq", "timestamp_us", "invalidations", "namespace", "actor")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
     INVALIDATIONS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
     origin: str
     epoch: int
     seq: int
     timestamp_us: int
     invalidations: _containers.RepeatedCompositeFieldContainer[Invalidation]
     namespace: str
-    def __init__(self, origin: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., timestamp_us: _Optional[int] = ..., invalidations: _Optional[_Iterable[_Union[Invalidation, _Mapping]]] = ..., namespace: _Optional[str] = ...) -> None: ...
+    actor: str
+    def __init__(self, origin: _Optional[str] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., timestamp_us: _Optional[int] = ..., invalidations: _Optional[_Iterable[_Union[Invalidation, _Mapping]]] = ..., namespace: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class Invalidation(_message.Message):
     __slots__ = ("cache", "key", "tag", "prefix", "all", "version", "reason", "actor", "purge_id")

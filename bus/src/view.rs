@@ -1,0 +1,327 @@
+//! A batch decoded in place: its names, keys, tags and prefixes are `&str`s into the received
+//! message, not one `String` each. The receiver applies batches from these views; a batch is
+//! copied into the owned [`Batch`] only where it is kept (the public decoders, cache events).
+//!
+//! The decoder reads the schema's `InvalidationBatch` exactly as prost's generated code does
+//! (the same fields, the last value of a repeated scalar kept, unknown fields skipped with the
+//! same nesting limit, UTF-8 checked), so that it accepts and refuses the same messages:
+//! the `batch` fuzz target compares the two on every input.
+
+use prost::encoding::{decode_key, decode_varint, WireType};
+
+use crate::codec::{Batch, Invalidation, Target};
+
+/// What an invalidation removes, borrowed (see [`Target`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetRef<'a> {
+    /// One key.
+    Key(&'a str),
+    /// Every entry that carries this tag.
+    Tag(&'a str),
+    /// Every entry whose key starts with this prefix.
+    Prefix(&'a str),
+    /// Everything.
+    All,
+}
+
+impl<'a> TargetRef<'a> {
+    /// The key, tag or prefix text (empty for [`TargetRef::All`]).
+    pub fn text(self) -> &'a str {
+        match self {
+            TargetRef::Key(s) | TargetRef::Tag(s) | TargetRef::Prefix(s) => s,
+            TargetRef::All => "",
+        }
+    }
+
+    /// A short name of the kind: `key`, `tag`, `prefix` or `all`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            TargetRef::Key(_) => "key",
+            TargetRef::Tag(_) => "tag",
+            TargetRef::Prefix(_) => "prefix",
+            TargetRef::All => "all",
+        }
+    }
+
+    /// An owned copy.
+    pub fn to_target(self) -> Target {
+        match self {
+            TargetRef::Key(s) => Target::Key(s.to_owned()),
+            TargetRef::Tag(s) => Target::Tag(s.to_owned()),
+            TargetRef::Prefix(s) => Target::Prefix(s.to_owned()),
+            TargetRef::All => Target::All,
+        }
+    }
+}
+
+impl Target {
+    /// A borrowed view of this target.
+    pub fn borrowed(&self) -> TargetRef<'_> {
+        match self {
+            Target::Key(s) => TargetRef::Key(s),
+            Target::Tag(s) => TargetRef::Tag(s),
+            Target::Prefix(s) => TargetRef::Prefix(s),
+            Target::All => TargetRef::All,
+        }
+    }
+}
+
+/// One invalidation, borrowed from a received batch (see [`Invalidation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InvalidationRef<'a> {
+    pub cache: Option<&'a str>,
+    pub target: TargetRef<'a>,
+    pub version: Option<u64>,
+    pub reason: &'a str,
+    /// Its own actor, or the batch's when it gives none.
+    pub actor: &'a str,
+    pub purge_id: &'a str,
+}
+
+impl InvalidationRef<'_> {
+    pub fn to_invalidation(self) -> Invalidation {
+        Invalidation {
+            cache: self.cache.map(str::to_owned),
+            target: self.target.to_target(),
+            version: self.version,
+            reason: self.reason.to_owned(),
+            actor: self.actor.to_owned(),
+            purge_id: self.purge_id.to_owned(),
+        }
+    }
+}
+
+impl Invalidation {
+    pub(crate) fn borrowed(&self) -> InvalidationRef<'_> {
+        InvalidationRef {
+            cache: self.cache.as_deref(),
+            target: self.target.borrowed(),
+            version: self.version,
+            reason: &self.reason,
+            actor: &self.actor,
+            purge_id: &self.purge_id,
+        }
+    }
+}
+
+/// A batch, borrowed from the received message (see [`Batch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BatchRef<'a> {
+    pub origin: &'a str,
+    pub epoch: u64,
+    pub seq: u64,
+    pub timestamp_us: u64,
+    pub namespace: &'a str,
+    pub invalidations: Vec<InvalidationRef<'a>>,
+    /// The first invalidation that names no target (none, or `all: false`), which the checks
+    /// refuse; its `target` reads `All` meanwhile.
+    pub untargeted: Option<usize>,
+    /// Invalidations past the first `max_invalidations`, read but not kept (see [`parse_batch`]).
+    pub beyond: usize,
+}
+
+impl BatchRef<'_> {
+    pub fn to_batch(&self) -> Batch {
+        Batch {
+            origin: self.origin.to_owned(),
+            epoch: self.epoch,
+            seq: self.seq,
+            timestamp_us: self.timestamp_us,
+            namespace: self.namespace.to_owned(),
+            invalidations: self.invalidations.iter().map(|i| i.to_invalidation()).collect(),
+        }
+    }
+}
+
+/// Why a message is not a well-formed `InvalidationBatch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Malformed {
+    /// As prost reports it (a bad varint or key, a length past the end...).
+    Wire(prost::DecodeError),
+    /// A field with another wire type than the schema's.
+    WireType { field: &'static str, found: WireType },
+    /// A string field that is not UTF-8.
+    NotUtf8(&'static str),
+    /// A field's length runs past the end of the message.
+    Truncated,
+    /// Unknown groups nested deeper than prost's recursion limit.
+    TooDeep,
+}
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Malformed::Wire(e) => write!(f, "{e}"),
+            Malformed::WireType { field, found } => write!(f, "field {field} has wire type {found:?}"),
+            Malformed::NotUtf8(field) => write!(f, "field {field} is not valid UTF-8"),
+            Malformed::Truncated => f.write_str("a field runs past the end of the message"),
+            Malformed::TooDeep => f.write_str("unknown groups nested too deep"),
+        }
+    }
+}
+
+impl From<prost::DecodeError> for Malformed {
+    fn from(e: prost::DecodeError) -> Self {
+        Malformed::Wire(e)
+    }
+}
+
+/// prost's recursion limit: a top-level message may skip groups this deep, and each nested
+/// message one less.
+const RECURSION_LIMIT: u32 = 100;
+
+/// Reads an `InvalidationBatch` without copying its text. Checks only the wire format: what the
+/// fields may hold is `codec::decode_batch_ref`'s business. Invalidations past the first
+/// `max_invalidations` are read (so that the wire format is checked throughout) and counted in
+/// `beyond`, not kept: an oversized batch allocates no more than a full one.
+pub(crate) fn parse_batch(mut buf: &[u8], max_invalidations: usize) -> Result<BatchRef<'_>, Malformed> {
+    let mut b = BatchRef {
+        origin: "",
+        epoch: 0,
+        seq: 0,
+        timestamp_us: 0,
+        namespace: "",
+        invalidations: Vec::new(),
+        untargeted: None,
+        beyond: 0,
+    };
+    let mut actor = "";
+    // The invalidations that give no actor of their own, by index (the batch's actor may come
+    // after them).
+    let mut actorless = Vec::new();
+    while !buf.is_empty() {
+        let (tag, wt) = decode_key(&mut buf)?;
+        match tag {
+            1 => b.origin = text(&mut buf, wt, "origin")?,
+            2 => b.epoch = varint(&mut buf, wt, "epoch")?,
+            3 => b.seq = varint(&mut buf, wt, "seq")?,
+            4 => b.timestamp_us = varint(&mut buf, wt, "timestamp_us")?,
+            5 => {
+                let body = delimited(&mut buf, wt, "invalidations")?;
+                let (inv, targeted, own_actor) = parse_invalidation(body)?;
+                if b.invalidations.len() == max_invalidations {
+                    b.beyond += 1;
+                    continue;
+                }
+                if !targeted && b.untargeted.is_none() {
+                    b.untargeted = Some(b.invalidations.len());
+                }
+                if !own_actor {
+                    actorless.push(b.invalidations.len());
+                }
+                b.invalidations.push(inv);
+            }
+            6 => b.namespace = text(&mut buf, wt, "namespace")?,
+            7 => actor = text(&mut buf, wt, "actor")?,
+            _ => skip(&mut buf, tag, wt, RECURSION_LIMIT)?,
+        }
+    }
+    if !actor.is_empty() {
+        for i in actorless {
+            b.invalidations[i].actor = actor;
+        }
+    }
+    Ok(b)
+}
+
+/// One invalidation, whether it names a target, and whether it gives its own actor.
+fn parse_invalidation(mut buf: &[u8]) -> Result<(InvalidationRef<'_>, bool, bool), Malformed> {
+    let mut own_actor = false;
+    let mut cache = "";
+    let mut target = None;
+    let mut inv = InvalidationRef {
+        cache: None,
+        target: TargetRef::All,
+        version: None,
+        reason: "",
+        actor: "",
+        purge_id: "",
+    };
+    while !buf.is_empty() {
+        let (tag, wt) = decode_key(&mut buf)?;
+        match tag {
+            1 => cache = text(&mut buf, wt, "cache")?,
+            2 => target = Some(Some(TargetRef::Key(text(&mut buf, wt, "key")?))),
+            3 => target = Some(Some(TargetRef::Tag(text(&mut buf, wt, "tag")?))),
+            4 => target = Some(Some(TargetRef::Prefix(text(&mut buf, wt, "prefix")?))),
+            // `all: false` names nothing.
+            5 => target = Some((varint(&mut buf, wt, "all")? != 0).then_some(TargetRef::All)),
+            6 => inv.version = Some(varint(&mut buf, wt, "version")?),
+            7 => inv.reason = text(&mut buf, wt, "reason")?,
+            8 => {
+                inv.actor = text(&mut buf, wt, "actor")?;
+                own_actor = true;
+            }
+            9 => inv.purge_id = text(&mut buf, wt, "purge_id")?,
+            _ => skip(&mut buf, tag, wt, RECURSION_LIMIT - 1)?,
+        }
+    }
+    inv.cache = (!cache.is_empty()).then_some(cache);
+    let target = target.flatten();
+    inv.target = target.unwrap_or(TargetRef::All);
+    Ok((inv, target.is_some(), own_actor))
+}
+
+fn varint(buf: &mut &[u8], wt: WireType, field: &'static str) -> Result<u64, Malformed> {
+    if wt != WireType::Varint {
+        return Err(Malformed::WireType { field, found: wt });
+    }
+    Ok(decode_varint(buf)?)
+}
+
+fn delimited<'a>(buf: &mut &'a [u8], wt: WireType, field: &'static str) -> Result<&'a [u8], Malformed> {
+    if wt != WireType::LengthDelimited {
+        return Err(Malformed::WireType { field, found: wt });
+    }
+    let len = decode_varint(buf)?;
+    if len > buf.len() as u64 {
+        return Err(Malformed::Truncated);
+    }
+    let (head, tail) = buf.split_at(len as usize);
+    *buf = tail;
+    Ok(head)
+}
+
+fn text<'a>(buf: &mut &'a [u8], wt: WireType, field: &'static str) -> Result<&'a str, Malformed> {
+    std::str::from_utf8(delimited(buf, wt, field)?).map_err(|_| Malformed::NotUtf8(field))
+}
+
+/// Skips an unknown field as prost's `skip_field` does (groups included, to the same depth).
+fn skip(buf: &mut &[u8], tag: u32, wt: WireType, depth: u32) -> Result<(), Malformed> {
+    if depth == 0 {
+        return Err(Malformed::TooDeep);
+    }
+    let len = match wt {
+        WireType::Varint => {
+            decode_varint(buf)?;
+            0
+        }
+        WireType::ThirtyTwoBit => 4,
+        WireType::SixtyFourBit => 8,
+        WireType::LengthDelimited => decode_varint(buf)?,
+        WireType::StartGroup => loop {
+            let (inner, inner_wt) = decode_key(buf)?;
+            if inner_wt == WireType::EndGroup {
+                if inner != tag {
+                    return Err(Malformed::WireType {
+                        field: "an unknown group's end",
+                        found: inner_wt,
+                    });
+                }
+                break 0;
+            }
+            skip(buf, inner, inner_wt, depth - 1)?;
+        },
+        WireType::EndGroup => {
+            return Err(Malformed::WireType {
+                field: "an unknown field",
+                found: wt,
+            })
+        }
+    };
+    if len > buf.len() as u64 {
+        return Err(Malformed::Truncated);
+    }
+    *buf = &buf[len as usize..];
+    Ok(())
+}
