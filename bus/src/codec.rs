@@ -93,6 +93,69 @@ pub struct Batch {
     pub invalidations: Vec<Invalidation>,
 }
 
+impl Target {
+    /// A borrowed view of this target.
+    pub fn borrowed(&self) -> TargetRef<'_> {
+        match self {
+            Target::Key(s) => TargetRef::Key(s),
+            Target::Tag(s) => TargetRef::Tag(s),
+            Target::Prefix(s) => TargetRef::Prefix(s),
+            Target::All => TargetRef::All,
+        }
+    }
+}
+
+impl TargetRef<'_> {
+    /// An owned copy.
+    pub fn to_target(self) -> Target {
+        match self {
+            TargetRef::Key(s) => Target::Key(s.to_owned()),
+            TargetRef::Tag(s) => Target::Tag(s.to_owned()),
+            TargetRef::Prefix(s) => Target::Prefix(s.to_owned()),
+            TargetRef::All => Target::All,
+        }
+    }
+}
+
+impl InvalidationRef<'_> {
+    pub(crate) fn to_invalidation(self) -> Invalidation {
+        Invalidation {
+            cache: self.cache.map(str::to_owned),
+            target: self.target.to_target(),
+            version: self.version,
+            reason: self.reason.to_owned(),
+            actor: self.actor.to_owned(),
+            purge_id: self.purge_id.to_owned(),
+        }
+    }
+}
+
+impl Invalidation {
+    pub(crate) fn borrowed(&self) -> InvalidationRef<'_> {
+        InvalidationRef {
+            cache: self.cache.as_deref(),
+            target: self.target.borrowed(),
+            version: self.version,
+            reason: &self.reason,
+            actor: &self.actor,
+            purge_id: &self.purge_id,
+        }
+    }
+}
+
+impl BatchRef<'_> {
+    pub(crate) fn to_batch(&self) -> Batch {
+        Batch {
+            origin: self.origin.to_owned(),
+            epoch: self.epoch,
+            seq: self.seq,
+            timestamp_us: self.timestamp_us,
+            namespace: self.namespace.to_owned(),
+            invalidations: self.invalidations.iter().map(|i| i.to_invalidation()).collect(),
+        }
+    }
+}
+
 /// A decoded heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Heartbeat {

@@ -1,6 +1,6 @@
 //! A batch decoded in place: its names, keys, tags and prefixes are `&str`s into the received
 //! message, not one `String` each. The receiver applies batches from these views; a batch is
-//! copied into the owned [`Batch`] only where it is kept (the public decoders, cache events).
+//! copied into the owned `codec::Batch` only where it is kept (the public decoders, cache events).
 //!
 //! The decoder reads the schema's `InvalidationBatch` exactly as prost's generated code does
 //! (the same fields, the last value of a repeated scalar kept, unknown fields skipped with the
@@ -9,9 +9,7 @@
 
 use prost::encoding::{decode_key, decode_varint, WireType};
 
-use crate::codec::{Batch, Invalidation, Target};
-
-/// What an invalidation removes, borrowed (see [`Target`]).
+/// What an invalidation removes, borrowed (see `Target`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetRef<'a> {
     /// One key.
@@ -42,31 +40,9 @@ impl<'a> TargetRef<'a> {
             TargetRef::All => "all",
         }
     }
-
-    /// An owned copy.
-    pub fn to_target(self) -> Target {
-        match self {
-            TargetRef::Key(s) => Target::Key(s.to_owned()),
-            TargetRef::Tag(s) => Target::Tag(s.to_owned()),
-            TargetRef::Prefix(s) => Target::Prefix(s.to_owned()),
-            TargetRef::All => Target::All,
-        }
-    }
 }
 
-impl Target {
-    /// A borrowed view of this target.
-    pub fn borrowed(&self) -> TargetRef<'_> {
-        match self {
-            Target::Key(s) => TargetRef::Key(s),
-            Target::Tag(s) => TargetRef::Tag(s),
-            Target::Prefix(s) => TargetRef::Prefix(s),
-            Target::All => TargetRef::All,
-        }
-    }
-}
-
-/// One invalidation, borrowed from a received batch (see [`Invalidation`]).
+/// One invalidation, borrowed from a received batch (see `Invalidation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct InvalidationRef<'a> {
     pub cache: Option<&'a str>,
@@ -78,33 +54,7 @@ pub(crate) struct InvalidationRef<'a> {
     pub purge_id: &'a str,
 }
 
-impl InvalidationRef<'_> {
-    pub fn to_invalidation(self) -> Invalidation {
-        Invalidation {
-            cache: self.cache.map(str::to_owned),
-            target: self.target.to_target(),
-            version: self.version,
-            reason: self.reason.to_owned(),
-            actor: self.actor.to_owned(),
-            purge_id: self.purge_id.to_owned(),
-        }
-    }
-}
-
-impl Invalidation {
-    pub(crate) fn borrowed(&self) -> InvalidationRef<'_> {
-        InvalidationRef {
-            cache: self.cache.as_deref(),
-            target: self.target.borrowed(),
-            version: self.version,
-            reason: &self.reason,
-            actor: &self.actor,
-            purge_id: &self.purge_id,
-        }
-    }
-}
-
-/// A batch, borrowed from the received message (see [`Batch`]).
+/// A batch, borrowed from the received message (see `Batch`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BatchRef<'a> {
     pub origin: &'a str,
@@ -118,19 +68,6 @@ pub(crate) struct BatchRef<'a> {
     pub untargeted: Option<usize>,
     /// Invalidations past the first `max_invalidations`, read but not kept (see [`parse_batch`]).
     pub beyond: usize,
-}
-
-impl BatchRef<'_> {
-    pub fn to_batch(&self) -> Batch {
-        Batch {
-            origin: self.origin.to_owned(),
-            epoch: self.epoch,
-            seq: self.seq,
-            timestamp_us: self.timestamp_us,
-            namespace: self.namespace.to_owned(),
-            invalidations: self.invalidations.iter().map(|i| i.to_invalidation()).collect(),
-        }
-    }
 }
 
 /// Why a message is not a well-formed `InvalidationBatch`.
