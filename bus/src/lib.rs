@@ -40,6 +40,8 @@
 //! - `codec`: the domain types ([`Invalidation`], [`Target`]), their defensive encoding to and
 //!   from the wire schema of `invalbus-proto` with the size limits of [`Limits`], and the signed
 //!   envelope ([`seal`], [`open`]).
+//! - `view`: a received batch decoded in place (its text borrowed from the message, not one
+//!   `String` per key), read exactly as prost's generated code reads the schema; [`TargetRef`].
 //! - `metrics`: striped counters and latency histograms, and their snapshots ([`BusStats`],
 //!   [`CacheStats`]).
 //! - `floors`: version floors, bounded, with an overflow sketch that never loses one.
@@ -65,7 +67,7 @@
 //!
 //! # Guarantees
 //! **When an invalidation call returns** (`invalidate_key`, `_version`, `_tag`, `_prefix`,
-//! `_all`, or [`Bus::invalidate`]): every read on this node that starts afterwards misses the
+//! `_all`, `invalidate_keys`, [`Bus::invalidate`] or [`Bus::invalidate_many`]): every read on this node that starts afterwards misses the
 //! invalidated entries, and every load of an invalidated key that was already running when the
 //! call started is not cached (its value is returned to its own callers only). This holds for
 //! any number of entries under a tag or prefix: purges take effect through records checked on
