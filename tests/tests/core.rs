@@ -136,8 +136,8 @@ async fn key_invalidation_reaches_both_peers_and_spares_other_keys() {
 }
 
 /// A bulk call: every invalidation applied on the writer before it returns and on both peers,
-/// in as many batches as the writer's batch limit makes, one ticket for them all; its actor and
-/// an invalidation's own (empty) actor arrive as given; an invalid one refuses the whole call.
+/// in as many batches as the writer's batch limit makes, one ticket for them all; the bus's actor
+/// and an invalidation's own actor arrive as given; an invalid one refuses the whole call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_invalidation_reaches_both_peers_in_batches_under_one_ticket() {
     init_tracing();
