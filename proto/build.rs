@@ -5,8 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto");
     prost_build::Config::new()
-        // The signed body is sliced out of the received message, not copied.
-        .bytes([".invalbus.wire.v1.Signed.body"])
+        // The signed body (and a receipt set's digests) are sliced out of the received message,
+        // not copied.
+        .bytes([".invalbus.wire.v1.Signed.body", ".invalbus.wire.v1.Signed.digests"])
         .compile_protos(&["proto/wire.proto"], &["proto"])?;
     Ok(())
 }

@@ -335,7 +335,7 @@ impl Bus {
     pub fn open_batch(&self, payload: &bytes::Bytes) -> Result<Opened<Batch>, DecodeError> {
         let env = codec::open(payload, &self.inner.limits)?;
         let batch = codec::decode_batch(&env.body, &self.inner.namespace, &self.inner.limits)?;
-        let trusted = self.checked(Kind::Batch, &env, &batch.origin).map(|_| ());
+        let trusted = self.checked(Kind::Batch, &env.body, &env, &batch.origin).map(|_| ());
         Ok(Opened {
             message: batch,
             signer: env.signer,
@@ -348,7 +348,15 @@ impl Bus {
     pub fn open_receipt(&self, payload: &bytes::Bytes) -> Result<Opened<Receipt>, DecodeError> {
         let env = codec::open(payload, &self.inner.limits)?;
         let receipt = Receipt::decode(&env.body)?;
-        let trusted = self.checked(Kind::Receipt, &env, &receipt.node).and_then(|v| {
+        // Signed alone, or in a set whose digests name this body.
+        let trusted = match &env.set {
+            None => self.checked(Kind::Receipt, &env.body, &env, &receipt.node),
+            Some(set) if set.covers(&env.body) => self.checked(Kind::ReceiptSet, &set.digests, &env, &receipt.node),
+            Some(_) => Err(Refusal::BadSignature(
+                "the receipt is not the one its digest set names".into(),
+            )),
+        }
+        .and_then(|v| {
             if v.scopes.receipts {
                 Ok(())
             } else {
@@ -365,11 +373,15 @@ impl Bus {
         })
     }
 
-    fn checked(&self, kind: Kind, env: &codec::Envelope, origin: &str) -> Result<crate::identity::Verified, Refusal> {
+    fn checked(
+        &self,
+        kind: Kind,
+        signed: &[u8],
+        env: &codec::Envelope,
+        origin: &str,
+    ) -> Result<crate::identity::Verified, Refusal> {
         let inner = &self.inner;
-        let verified = inner
-            .trust
-            .check(kind, &env.body, &env.signer, &env.signature, origin)?;
+        let verified = inner.trust.check(kind, signed, &env.signer, &env.signature, origin)?;
         let owner = if origin == inner.node_id {
             Some(inner.identity.public_key().to_owned())
         } else {

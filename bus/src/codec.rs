@@ -7,6 +7,7 @@ use bytes::Bytes;
 use invalbus_proto::wire;
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message;
+use sha2::{Digest, Sha256};
 
 use crate::config::Limits;
 use crate::identity::{Identity, Kind};
@@ -261,6 +262,29 @@ pub struct Envelope {
     pub signer: String,
     /// The signature.
     pub signature: Vec<u8>,
+    /// For a receipt signed as a set, the set (the signature covers it, not the body).
+    pub set: Option<DigestSet>,
+}
+
+/// The most receipts one signature covers (`seal_set`).
+pub const MAX_SET: usize = 256;
+
+/// Several messages under one signature: the SHA-256 digest of each body, and which one is this
+/// envelope's (`wire.proto`, `Signed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestSet {
+    /// The digests, 32 bytes each, in order: what the signature covers.
+    pub digests: Bytes,
+    /// Which digest is this envelope's body's.
+    pub index: u32,
+}
+
+impl DigestSet {
+    /// Whether `body` is the message at this envelope's place in the set.
+    pub fn covers(&self, body: &[u8]) -> bool {
+        let at = self.index as usize * 32;
+        self.digests.get(at..at + 32) == Some(Sha256::digest(body).as_slice())
+    }
 }
 
 /// Wraps `body` (an encoded message of `kind`) in an envelope signed by `identity`.
@@ -270,8 +294,47 @@ pub fn seal(identity: &Identity, kind: Kind, body: Bytes) -> Bytes {
         body,
         signer: identity.public_key().to_owned(),
         signature,
+        ..Default::default()
     };
     Bytes::from(msg.encode_to_vec())
+}
+
+/// Wraps receipt `bodies` in envelopes under one signature by `identity` (one envelope each, in
+/// order): for a node writing many receipts at once. A single body is sealed alone, as [`seal`]
+/// does. At most [`MAX_SET`] bodies; more are sealed in several sets.
+///
+/// ```
+/// let id = invalbus::Identity::generate();
+/// let bodies: Vec<bytes::Bytes> = (0..3).map(|i| invalbus::Receipt { node: "a".into(), seq: i, ..Default::default() }.encode()).collect();
+/// let sealed = invalbus::seal_set(&id, &bodies);
+/// let env = invalbus::open(&sealed[1], &invalbus::Limits::default()).unwrap();
+/// assert_eq!(env.body, bodies[1]);
+/// assert!(env.set.unwrap().covers(&bodies[1]));
+/// ```
+pub fn seal_set(identity: &Identity, bodies: &[Bytes]) -> Vec<Bytes> {
+    if let [body] = bodies {
+        return vec![seal(identity, Kind::Receipt, body.clone())];
+    }
+    let mut sealed = Vec::with_capacity(bodies.len());
+    for chunk in bodies.chunks(MAX_SET) {
+        let mut digests = Vec::with_capacity(chunk.len() * 32);
+        for body in chunk {
+            digests.extend_from_slice(&Sha256::digest(body));
+        }
+        let signature = identity.sign(Kind::ReceiptSet, &digests).to_vec();
+        let digests = Bytes::from(digests);
+        for (i, body) in chunk.iter().enumerate() {
+            let msg = wire::Signed {
+                body: body.clone(),
+                signer: identity.public_key().to_owned(),
+                signature: signature.clone(),
+                digests: digests.clone(),
+                index: i as u32,
+            };
+            sealed.push(Bytes::from(msg.encode_to_vec()));
+        }
+    }
+    sealed
 }
 
 /// Wraps `body` in an envelope without a signature (benchmarks of the signing cost only: see
@@ -279,8 +342,7 @@ pub fn seal(identity: &Identity, kind: Kind, body: Bytes) -> Bytes {
 pub fn seal_unsigned(body: Bytes) -> Bytes {
     let msg = wire::Signed {
         body,
-        signer: String::new(),
-        signature: Vec::new(),
+        ..Default::default()
     };
     Bytes::from(msg.encode_to_vec())
 }
@@ -298,6 +360,7 @@ pub(crate) fn open_unsigned(payload: &Bytes, limits: &Limits) -> Result<Envelope
         body: msg.body,
         signer: msg.signer,
         signature: msg.signature,
+        set: None,
     })
 }
 
@@ -316,10 +379,30 @@ pub fn open(payload: &Bytes, limits: &Limits) -> Result<Envelope, DecodeError> {
             "unsigned message (an envelope needs a signer and a 64-byte signature)".into(),
         ));
     }
+    let set = if msg.digests.is_empty() {
+        if msg.index != 0 {
+            return Err(DecodeError::Invalid("an index without a digest set".into()));
+        }
+        None
+    } else {
+        let n = msg.digests.len() / 32;
+        if msg.digests.len() % 32 != 0 || n > MAX_SET || msg.index as usize >= n {
+            return Err(DecodeError::Invalid(format!(
+                "digest set of {} bytes with index {} (32 bytes per digest, at most {MAX_SET}, the index within them)",
+                msg.digests.len(),
+                msg.index
+            )));
+        }
+        Some(DigestSet {
+            digests: msg.digests,
+            index: msg.index,
+        })
+    };
     Ok(Envelope {
         body: msg.body,
         signer: msg.signer,
         signature: msg.signature,
+        set,
     })
 }
 
@@ -678,6 +761,73 @@ mod tests {
                 Invalidation::new(Some("c"), Target::Key("k".into())),
                 Invalidation::new(None, Target::All),
             ],
+        }
+    }
+
+    /// Receipts sealed as a set: each envelope carries its own body, and the signature covers
+    /// the set's digests; the set is refused where it is malformed, and its signature is not a
+    /// signature of any one body.
+    #[test]
+    fn a_receipt_set_is_signed_once_and_checked_per_member() {
+        use crate::identity::{Trust, TrustPolicy};
+        let id = Identity::generate();
+        let trust = Trust::new(TrustPolicy::PinOnFirstUse, std::time::Duration::from_secs(2));
+        let bodies: Vec<Bytes> = (0..3u8).map(|i| Bytes::from(vec![i; 10])).collect();
+        let sealed = seal_set(&id, &bodies);
+        assert_eq!(sealed.len(), 3);
+        let limits = Limits::default();
+        let envs: Vec<Envelope> = sealed.iter().map(|p| open(p, &limits).unwrap()).collect();
+        for (i, env) in envs.iter().enumerate() {
+            assert_eq!(env.body, bodies[i]);
+            let set = env.set.as_ref().expect("sealed as a set");
+            assert_eq!(set.index as usize, i);
+            assert!(set.covers(&env.body));
+            assert!(!set.covers(&bodies[(i + 1) % 3]), "another member's body at this place");
+            assert_eq!(env.signature, envs[0].signature, "one signature for the set");
+            trust
+                .check_signature(Kind::ReceiptSet, &set.digests, &env.signer, &env.signature)
+                .unwrap();
+            assert!(
+                trust
+                    .check_signature(Kind::Receipt, &env.body, &env.signer, &env.signature)
+                    .is_err(),
+                "a set signature is not a signature of one receipt"
+            );
+        }
+        // One body alone is sealed alone.
+        let one = open(&seal_set(&id, &bodies[..1])[0], &limits).unwrap();
+        assert!(one.set.is_none());
+        trust
+            .check_signature(Kind::Receipt, &one.body, &one.signer, &one.signature)
+            .unwrap();
+        // More than MAX_SET bodies make several sets.
+        let many: Vec<Bytes> = (0..MAX_SET + 1)
+            .map(|i| Bytes::from(i.to_le_bytes().to_vec()))
+            .collect();
+        let sealed = seal_set(&id, &many);
+        let last = open(&sealed[MAX_SET], &limits).unwrap();
+        assert_eq!(last.set.as_ref().map(|s| (s.digests.len(), s.index)), Some((32, 0)));
+        // Malformed sets are refused when opened.
+        let signed = |digests: Vec<u8>, index: u32| {
+            let msg = wire::Signed {
+                body: bodies[0].clone(),
+                signer: id.public_key().to_owned(),
+                signature: vec![0; 64],
+                digests: Bytes::from(digests),
+                index,
+            };
+            Bytes::from(msg.encode_to_vec())
+        };
+        for (digests, index, why) in [
+            (vec![0u8; 31], 0, "a digest of 31 bytes"),
+            (vec![0u8; 64], 2, "an index past the set"),
+            (vec![], 1, "an index without a set"),
+            (vec![0u8; 32 * (MAX_SET + 1)], 0, "a set over MAX_SET"),
+        ] {
+            assert!(
+                matches!(open(&signed(digests, index), &limits), Err(DecodeError::Invalid(_))),
+                "{why} was accepted"
+            );
         }
     }
 

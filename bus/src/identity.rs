@@ -8,7 +8,9 @@
 //! over `"invalbus.v1:" + kind + ":" + body`, with `kind` one of `batch`, `heartbeat`,
 //! `receipt`. The kind in the signed bytes keeps a signature of one kind from passing as
 //! another; the body names its namespace and origin, so a signature cannot be replayed into
-//! another namespace or for another node.
+//! another namespace or for another node. Receipts may also be signed as a set: the signature
+//! then covers `"invalbus.v1:receipt-set:"` + the SHA-256 digests of the set's bodies, and a
+//! reader checks that the body's digest is the one at its envelope's index (`Bus::open_receipt`).
 //!
 //! # Why a forgery changes nothing
 //! Receivers open the envelope, check the signature and the policy ([`TrustPolicy`]: is the key
@@ -38,6 +40,8 @@ pub enum Kind {
     Heartbeat,
     /// A `Receipt`.
     Receipt,
+    /// The SHA-256 digests of several receipts' bodies, signed once for them all (`seal_set`).
+    ReceiptSet,
 }
 
 impl Kind {
@@ -46,6 +50,7 @@ impl Kind {
             Kind::Batch => b"batch",
             Kind::Heartbeat => b"heartbeat",
             Kind::Receipt => b"receipt",
+            Kind::ReceiptSet => b"receipt-set",
         }
     }
 }

@@ -179,8 +179,9 @@ pub use builder::BusBuilder;
 pub use bus::{BuildError, Bus, Cache, CacheError, InvalidateError, Opened, Reservation, Ticket};
 pub use cache::{ApplyOutcome, FillOutcome, LoadError, Loaded};
 pub use codec::{
-    decode_batch, decode_heartbeat, encode_batch, encode_heartbeat, open, seal, Batch, DecodeError, Envelope,
-    Heartbeat, Invalidation, Target, MAX_ADDRESS_BYTES, MAX_ANNOUNCED_CACHES, MAX_ANNOUNCED_NAME_BYTES,
+    decode_batch, decode_heartbeat, encode_batch, encode_heartbeat, open, seal, seal_set, Batch, DecodeError,
+    DigestSet, Envelope, Heartbeat, Invalidation, Target, MAX_ADDRESS_BYTES, MAX_ANNOUNCED_CACHES,
+    MAX_ANNOUNCED_NAME_BYTES, MAX_SET,
 };
 pub use config::{CacheConfig, JetStreamConfig, Limits, DEFAULT_MAX_AGE};
 pub use identity::{Identity, KeyError, Kind, Refusal, Scopes, TrustPolicy, TrustedKey};

@@ -823,3 +823,87 @@ name = "items"
         n.shutdown().await;
     }
 }
+
+/// Receipts a node writes together share one signature, over the SHA-256 digests of their
+/// bodies: each still opens as trusted on its own; a member moved to another place in its set,
+/// or edited, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_written_together_share_one_signature_and_each_verifies_alone() {
+    init_tracing();
+    let server = NatsServer::start().await;
+    let client = async_nats::connect(server.url()).await.expect("raw client");
+    let mut receipts = client.subscribe(invalbus::all_receipts(NS)).await.expect("subscribe");
+    // The server handles one connection's messages in order: once the probe is back, the
+    // subscription is in force.
+    let probe = client.new_inbox();
+    let mut echo = client.subscribe(probe.clone()).await.expect("subscribe");
+    client.publish(probe, bytes::Bytes::new()).await.expect("probe");
+    assert!(
+        matches!(tokio::time::timeout(DEADLINE, echo.next()).await, Ok(Some(_))),
+        "the subscription was not confirmed"
+    );
+    let limits = invalbus::Limits {
+        max_batch_invalidations: 8,
+        ..Default::default()
+    };
+    let a = bus_builder(&server.url(), NS, "a")
+        .limits(limits)
+        .build()
+        .await
+        .unwrap();
+    let b = bus_builder(&server.url(), NS, "b").build().await.unwrap();
+    let writer: Cache<String> = a.cache("items", CacheConfig::new(1000)).unwrap();
+    let _reader: Cache<String> = b.cache("items", CacheConfig::new(1000)).unwrap();
+    assert!(
+        eventually(DEADLINE, || async { a.peers().iter().any(|p| p.node_id == "b") }).await,
+        "a never heard b"
+    );
+    let keys: Vec<String> = (0..200).map(|i| format!("k{i}")).collect();
+    writer.invalidate_keys(&keys).await.unwrap().published().await.unwrap();
+    // 200 keys in batches of 8: b writes a receipt for each of the 25.
+    let mut got = Vec::new();
+    while got.len() < 25 {
+        let m = tokio::time::timeout(DEADLINE, receipts.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} of 25 receipts came", got.len()))
+            .expect("subscription open");
+        got.push(m.payload);
+    }
+    let limits = invalbus::Limits::default();
+    let mut signatures = std::collections::HashSet::new();
+    let mut member = None;
+    for p in &got {
+        let opened = a.open_receipt(p).unwrap();
+        assert_eq!(opened.trusted, Ok(()), "{:?}", opened.message);
+        assert_eq!(opened.message.node, "b");
+        let env = invalbus::open(p, &limits).unwrap();
+        if env.set.as_ref().is_some_and(|s| s.digests.len() >= 64 && s.index == 0) {
+            member = Some((p.clone(), opened.message));
+        }
+        signatures.insert(env.signature);
+    }
+    assert!(
+        signatures.len() < 25,
+        "25 receipts written in one burst shared no signature"
+    );
+    let (payload, receipt) = member.expect("a set of two or more receipts");
+    // A later field of the envelope replaces an earlier one: field 5 (index) set to 1 moves
+    // the first member's body to the second's place; field 1 (body) replaces the body.
+    let mut moved = payload.to_vec();
+    moved.extend_from_slice(&[0x28, 1]);
+    let mut edited_receipt = receipt.clone();
+    edited_receipt.dropped += 1000;
+    let body = edited_receipt.encode();
+    let mut edited = payload.to_vec();
+    edited.push(0x0a);
+    edited.push(u8::try_from(body.len()).expect("a short receipt"));
+    edited.extend_from_slice(&body);
+    for (tampered, what) in [(moved, "moved"), (edited, "edited")] {
+        let opened = a.open_receipt(&bytes::Bytes::from(tampered)).unwrap();
+        assert!(
+            matches!(opened.trusted, Err(invalbus::Refusal::BadSignature(_))),
+            "a {what} member was trusted: {:?}",
+            opened.trusted
+        );
+    }
+}

@@ -7,14 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Signed(_message.Message):
-    __slots__ = ("body", "signer", "signature")
+    __slots__ = ("body", "signer", "signature", "digests", "index")
     BODY_FIELD_NUMBER: _ClassVar[int]
     SIGNER_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     body: bytes
     signer: str
     signature: bytes
-    def __init__(self, body: _Optional[bytes] = ..., signer: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    digests: bytes
+    index: int
+    def __init__(self, body: _Optional[bytes] = ..., signer: _Optional[str] = ..., signature: _Optional[bytes] = ..., digests: _Optional[bytes] = ..., index: _Optional[int] = ...) -> None: ...
 
 class InvalidationBatch(_message.Message):
     __slots__ = ("origin", "epoch", "seq", "timestamp_us", "invalidations", "namespace", "actor")
