@@ -188,9 +188,7 @@ impl Recorder {
         // Receipts of batches with tag or prefix purges, waiting for the sweeps to count the
         // entries those hid.
         let mut counting: FuturesUnordered<CountFuture> = FuturesUnordered::new();
-        // Receipts ready to write, held until `due` for others to share their signature.
-        let mut ready: Vec<Receipt> = Vec::new();
-        let mut due: Option<tokio::time::Instant> = None;
+        let mut ready = Gathered::default();
         loop {
             if acks.len() >= MAX_PENDING {
                 if let Some(ok) = acks.next().await {
@@ -198,22 +196,15 @@ impl Recorder {
                 }
                 continue;
             }
-            if ready.len() >= MAX_GATHERED {
-                self.write(std::mem::take(&mut ready), &mut acks).await;
-                due = None;
+            if ready.receipts.len() >= MAX_GATHERED {
+                self.write(ready.take(), &mut acks).await;
                 continue;
             }
-            let gather = |ready: &mut Vec<Receipt>, due: &mut Option<tokio::time::Instant>, r: Receipt| {
-                if ready.is_empty() {
-                    *due = Some(tokio::time::Instant::now() + GATHER);
-                }
-                ready.push(r);
-            };
             tokio::select! {
                 a = applied.recv(), if counting.len() < MAX_PENDING => match a {
                     Ok(a) => {
                         if let Some(r) = self.receipt(a, &counting) {
-                            gather(&mut ready, &mut due, r);
+                            ready.push(r);
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -222,13 +213,10 @@ impl Recorder {
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
-                Some(r) = counting.next(), if !counting.is_empty() => gather(&mut ready, &mut due, r),
-                Some(r) = local.recv() => gather(&mut ready, &mut due, r),
+                Some(r) = counting.next(), if !counting.is_empty() => ready.push(r),
+                Some(r) = local.recv() => ready.push(r),
                 Some(ok) = acks.next(), if !acks.is_empty() => self.count(ok),
-                () = sleep_until(due) => {
-                    self.write(std::mem::take(&mut ready), &mut acks).await;
-                    due = None;
-                }
+                () = sleep_until(ready.due) => self.write(ready.take(), &mut acks).await,
                 _ = stopped(&mut shutdown) => break,
             }
         }
@@ -243,7 +231,7 @@ impl Recorder {
         while let Some(r) = local.recv().await {
             ready.push(r);
         }
-        self.write(ready, &mut acks).await;
+        self.write(ready.take(), &mut acks).await;
         let drain = async {
             while let Some(r) = counting.next().await {
                 self.write(vec![r], &mut acks).await;
@@ -311,6 +299,28 @@ impl Recorder {
                 None
             }
         }
+    }
+}
+
+/// Receipts ready to write, held until `due` (`GATHER` after the first) for others to share
+/// their signature.
+#[derive(Default)]
+struct Gathered {
+    receipts: Vec<Receipt>,
+    due: Option<tokio::time::Instant>,
+}
+
+impl Gathered {
+    fn push(&mut self, r: Receipt) {
+        if self.receipts.is_empty() {
+            self.due = Some(tokio::time::Instant::now() + GATHER);
+        }
+        self.receipts.push(r);
+    }
+
+    fn take(&mut self) -> Vec<Receipt> {
+        self.due = None;
+        std::mem::take(&mut self.receipts)
     }
 }
 
