@@ -99,22 +99,38 @@ pub(crate) async fn propagation_invalbus(
 /// bytes standing for the key.
 pub(crate) const RAW_RECORD: usize = 24;
 
+/// How the raw twin sends its invalidations.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Twin {
+    /// One message per invalidation.
+    OnePerMessage,
+    /// As the bus batches: the caller's paced invalidations queue for one publishing task, which
+    /// sends whatever has queued while it was busy as one message.
+    Batching,
+    /// Batching as above, each message signed by the publishing task with ed25519-dalek (its
+    /// last 64 bytes) and verified by each subscriber before it counts it: the bus's batching and
+    /// cryptography with nothing else of the bus.
+    SignedBatching,
+}
+
 /// The same measurement with raw NATS: one publisher, `peers` subscriber connections, messages
 /// of `envelope_len` bytes for one invalidation (and [`RAW_RECORD`] more for each further one).
-/// Without `batching`, each invalidation is one message. With it, the twin batches as the bus
-/// does: the caller's paced invalidations queue for one publishing task, which sends whatever
-/// has queued while it was busy as one message.
 pub(crate) async fn propagation_raw(
     url: &str,
     peers: usize,
     rate: u64,
     secs: u64,
     envelope_len: usize,
-    batching: bool,
+    twin: Twin,
 ) -> hdrhistogram::Histogram<u64> {
+    use ed25519_dalek::{Signer as _, Verifier as _};
     let subject = "bench.raw.prop";
     let publisher = async_nats::connect(url).await.expect("raw publisher");
-    let prefix = envelope_len.saturating_sub(RAW_RECORD);
+    let signing = twin == Twin::SignedBatching;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+    let verifying = key.verifying_key();
+    let sig_len = if signing { ed25519_dalek::SIGNATURE_LENGTH } else { 0 };
+    let prefix = envelope_len.saturating_sub(RAW_RECORD + sig_len);
     let mut subs = Vec::new();
     for _ in 0..peers {
         let c = async_nats::connect(url).await.expect("raw subscriber");
@@ -130,8 +146,17 @@ pub(crate) async fn propagation_raw(
             while got.len() < total as usize {
                 match tokio::time::timeout(Duration::from_secs(5), s.next()).await {
                     Ok(Some(m)) => {
+                        let body = &m.payload[..m.payload.len().saturating_sub(sig_len)];
+                        if signing {
+                            let sig = m.payload[body.len()..]
+                                .try_into()
+                                .map(ed25519_dalek::Signature::from_bytes);
+                            if !sig.is_ok_and(|sig| verifying.verify(body, &sig).is_ok()) {
+                                continue;
+                            }
+                        }
                         let at = now_us();
-                        for r in m.payload.get(prefix..).unwrap_or_default().chunks_exact(RAW_RECORD) {
+                        for r in body.get(prefix..).unwrap_or_default().chunks_exact(RAW_RECORD) {
                             let i = u64::from_le_bytes(r[..8].try_into().unwrap_or([0; 8]));
                             let sent = u64::from_le_bytes(r[8..16].try_into().unwrap_or([0; 8]));
                             got.push((i, at.saturating_sub(sent)));
@@ -152,6 +177,7 @@ pub(crate) async fn propagation_raw(
     }
     // With batching, the caller queues and one task publishes what queued while it was busy.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
+    let batching = twin != Twin::OnePerMessage;
     let sender = batching.then(|| {
         let publisher = publisher.clone();
         tokio::spawn(async move {
@@ -160,6 +186,10 @@ pub(crate) async fn propagation_raw(
                 record(&mut p, i, at);
                 while let Ok((i, at)) = rx.try_recv() {
                     record(&mut p, i, at);
+                }
+                if signing {
+                    let sig = key.sign(&p);
+                    p.extend_from_slice(&sig.to_bytes());
                 }
                 let _ = publisher.publish(subject, Bytes::from(p)).await;
             }
@@ -203,8 +233,8 @@ pub(crate) async fn propagation_raw(
 }
 
 /// Publish-to-applied latency at 3 peers, at 5,000/s and 50,000/s, beside its raw NATS twin and
-/// (at 5,000/s) Redis tracking's, alternated in `rounds` of `secs / rounds` each; the rounds'
-/// histograms are merged. At 50,000/s the bus batches, so its twin batches the same way, and a
+/// (at 5,000/s) the bus unsigned, a raw twin that signs and verifies as the bus does, and Redis
+/// tracking's, alternated in `rounds` of `secs / rounds` each; the rounds' histograms are merged. At 50,000/s the bus batches, so its twin batches the same way, and a
 /// second twin without batching shows what batching gains.
 pub(crate) async fn propagation(
     url: &str,
@@ -218,14 +248,31 @@ pub(crate) async fn propagation(
     let new = || histogram();
     for rate in [5_000u64, 50_000] {
         let (mut raw, mut ours, mut unsigned, mut unbatched, mut tracking) = (new(), new(), new(), new(), new());
+        let mut crypto = new();
         let mut redis_ok = redis.is_some() && rate == 5_000;
         for r in 0..rounds {
             let tag = format!("{rate}-{r}");
-            let _ = raw.add(propagation_raw(url, 3, rate, per, len, rate > 5_000).await);
+            let _ = raw.add(
+                propagation_raw(
+                    url,
+                    3,
+                    rate,
+                    per,
+                    len,
+                    if rate > 5_000 {
+                        Twin::Batching
+                    } else {
+                        Twin::OnePerMessage
+                    },
+                )
+                .await,
+            );
             let _ = ours.add(propagation_invalbus(url, 3, rate, per, &tag, true).await);
             if rate == 5_000 {
                 // The same without signatures, in the same run: what signing costs.
                 let _ = unsigned.add(propagation_invalbus(url, 3, rate, per, &format!("{tag}u"), false).await);
+                // And raw NATS batching and signing as the bus does: what the bus adds beyond that.
+                let _ = crypto.add(propagation_raw(url, 3, rate, per, len, Twin::SignedBatching).await);
                 if let Some(h) = redis.as_mut().filter(|_| redis_ok) {
                     match h.latency(rate, per).await {
                         Some(h) => {
@@ -235,7 +282,7 @@ pub(crate) async fn propagation(
                     }
                 }
             } else {
-                let _ = unbatched.add(propagation_raw(url, 3, rate, per, len, false).await);
+                let _ = unbatched.add(propagation_raw(url, 3, rate, per, len, Twin::OnePerMessage).await);
             }
         }
         let twin = if rate > 5_000 {
@@ -270,6 +317,18 @@ pub(crate) async fn propagation(
                     "us",
                     u / r,
                     "-",
+                    None,
+                ));
+            }
+            for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+                let (o, c) = (ours.value_at_quantile(q) as f64, crypto.value_at_quantile(q) as f64);
+                rows.push(row(
+                    format!("propagation {name}, 3 peers, {rate}/s (raw: NATS batching alike + ed25519-dalek, sign and 3 verifies)"),
+                    o,
+                    c,
+                    "us",
+                    o / c,
+                    "report",
                     None,
                 ));
             }
@@ -324,7 +383,7 @@ pub(crate) async fn fan_out(
             runs.push((big_rate, true));
         }
         for (rate, signed) in runs {
-            let raw = propagation_raw(url, peers, rate, secs, single_batch_len(), false).await;
+            let raw = propagation_raw(url, peers, rate, secs, single_batch_len(), Twin::OnePerMessage).await;
             let tag = format!("fan{peers}-{rate}-{signed}");
             let h = propagation_invalbus(url, peers, rate, secs, &tag, signed).await;
             let (p99, r99) = (h.value_at_quantile(0.99) as f64, raw.value_at_quantile(0.99) as f64);
