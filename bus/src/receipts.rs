@@ -37,13 +37,16 @@ use crate::metrics::BusMetrics;
 /// beyond that the recorder waits (never the bus).
 const MAX_PENDING: usize = 4096;
 
-/// How long a ready receipt waits for others to share its signature, and how many share one at
-/// most: a receipt is written at most this much after its batch was applied (or its sweeps
-/// counted), and a node writing receipts for many batches a second signs a few sets instead.
-/// Measured with `invalbus-bench --only propagation` (an origin and 3 peers on 2 cores, 5,000
-/// batches/s): one signature per receipt took about a third of the propagation p99 of every
-/// batch (see BENCHMARKS.md).
+/// How long a ready receipt waits for others to share its signature, how far apart two sets are
+/// signed at least, and how many receipts share one at most. After a quiet spell a receipt is
+/// written within `GATHER` of its batch being applied (or its sweeps counted); a node writing
+/// receipts steadily signs one set per `SPACING` (at most 100 a second), and a receipt waits at
+/// most that long. Measured with `invalbus-bench --only propagation` (an origin and 3 peers on
+/// 2 cores): one signature per receipt took about a third of the propagation p99 of every batch,
+/// and sets gathered for 1 ms still held one or two receipts each, since the bus batches the
+/// bench's invalidations into one to two thousand batches a second (see BENCHMARKS.md).
 const GATHER: Duration = Duration::from_millis(1);
+const SPACING: Duration = Duration::from_millis(10);
 const MAX_GATHERED: usize = 64;
 
 /// One node's application of one batch.
@@ -302,24 +305,28 @@ impl Recorder {
     }
 }
 
-/// Receipts ready to write, held until `due` (`GATHER` after the first) for others to share
-/// their signature.
+/// Receipts ready to write, held until `due` for others to share their signature: `GATHER`
+/// after the first, and no sooner than `SPACING` after the last set was taken.
 #[derive(Default)]
 struct Gathered {
     receipts: Vec<Receipt>,
     due: Option<tokio::time::Instant>,
+    last_taken: Option<tokio::time::Instant>,
 }
 
 impl Gathered {
     fn push(&mut self, r: Receipt) {
         if self.receipts.is_empty() {
-            self.due = Some(tokio::time::Instant::now() + GATHER);
+            let gathered = tokio::time::Instant::now() + GATHER;
+            let spaced = self.last_taken.map(|at| at + SPACING);
+            self.due = Some(spaced.map_or(gathered, |s| s.max(gathered)));
         }
         self.receipts.push(r);
     }
 
     fn take(&mut self) -> Vec<Receipt> {
         self.due = None;
+        self.last_taken = Some(tokio::time::Instant::now());
         std::mem::take(&mut self.receipts)
     }
 }
@@ -335,4 +342,37 @@ async fn sleep_until(due: Option<tokio::time::Instant>) {
 /// Resolves once `rx` holds true (or its sender is gone).
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_set_after_a_quiet_spell_waits_gather_and_steady_sets_are_spaced() {
+        let mut g = Gathered::default();
+        let start = tokio::time::Instant::now();
+        g.push(Receipt::default());
+        assert_eq!(g.due, Some(start + GATHER), "the first receipt waits only GATHER");
+        g.push(Receipt::default());
+        assert_eq!(g.due, Some(start + GATHER), "later receipts join the same set");
+
+        tokio::time::advance(GATHER).await;
+        let taken_at = tokio::time::Instant::now();
+        assert_eq!(g.take().len(), 2);
+        assert_eq!(g.due, None);
+
+        // Under steady load the next set is signed no sooner than SPACING after the last.
+        tokio::time::advance(GATHER).await;
+        g.push(Receipt::default());
+        assert_eq!(g.due, Some(taken_at + SPACING));
+        tokio::time::advance(SPACING).await;
+        assert_eq!(g.take().len(), 1);
+
+        // After a quiet spell longer than SPACING, GATHER again.
+        tokio::time::advance(SPACING * 2).await;
+        let now = tokio::time::Instant::now();
+        g.push(Receipt::default());
+        assert_eq!(g.due, Some(now + GATHER));
+    }
 }
