@@ -11,10 +11,12 @@
 //! and counts what it falls too far behind to see. A batch with tag or prefix purges waits for the
 //! sweeps to count what they hid before its receipt is written.
 //!
-//! Receipts ready within a millisecond of each other are signed together (`codec::seal_set`): one
-//! Ed25519 signature over the SHA-256 digests of their bodies, each receipt still on its own
-//! subject in its own envelope, and each checked alone by whoever reads it. A node applying
-//! thousands of batches a second signs a few hundred sets instead of a receipt each.
+//! Ready receipts are signed together (`codec::seal_set`): one Ed25519 signature over the SHA-256
+//! digests of their bodies, each receipt still on its own subject in its own envelope, and each
+//! checked alone by whoever reads it. After a quiet spell a receipt waits at most a millisecond
+//! for others; a node writing receipts steadily signs one set per 10 ms, or sooner once 64 are
+//! ready, so a node applying thousands of batches a second signs about a hundred sets a second
+//! instead of a receipt each.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,11 +42,11 @@ const MAX_PENDING: usize = 4096;
 /// How long a ready receipt waits for others to share its signature, how far apart two sets are
 /// signed at least, and how many receipts share one at most. After a quiet spell a receipt is
 /// written within `GATHER` of its batch being applied (or its sweeps counted); a node writing
-/// receipts steadily signs one set per `SPACING` (at most 100 a second), and a receipt waits at
-/// most that long. Measured with `invalbus-bench --only propagation` (an origin and 3 peers on
-/// 2 cores): one signature per receipt took about a third of the propagation p99 of every batch,
-/// and sets gathered for 1 ms still held one or two receipts each, since the bus batches the
-/// bench's invalidations into one to two thousand batches a second (see BENCHMARKS.md).
+/// receipts steadily signs one set per `SPACING`, or sooner once `MAX_GATHERED` are ready, and a
+/// receipt waits at most that long. Measured with `invalbus-bench --only propagation` (an origin
+/// and 3 peers on 2 cores): one signature per receipt took about a third of the propagation p99
+/// of every batch, and sets gathered for 1 ms still held one or two receipts each, since the bus
+/// batched the bench's 5,000 invalidations a second into about 900 batches (see BENCHMARKS.md).
 const GATHER: Duration = Duration::from_millis(1);
 const SPACING: Duration = Duration::from_millis(10);
 const MAX_GATHERED: usize = 64;
