@@ -234,8 +234,9 @@ pub(crate) async fn propagation_raw(
 
 /// Publish-to-applied latency at 3 peers, at 5,000/s and 50,000/s, beside its raw NATS twin and
 /// (at 5,000/s) the bus unsigned, a raw twin that signs and verifies as the bus does, and Redis
-/// tracking's, alternated in `rounds` of `secs / rounds` each; the rounds' histograms are merged. At 50,000/s the bus batches, so its twin batches the same way, and a
-/// second twin without batching shows what batching gains.
+/// tracking's, alternated in `rounds` of `secs / rounds` each; the rounds' histograms are
+/// merged. At 50,000/s the bus batches, so its twin batches the same way, and a second twin
+/// without batching shows what batching gains.
 pub(crate) async fn propagation(
     url: &str,
     secs: u64,
