@@ -309,43 +309,17 @@ pub(crate) async fn propagation(
             ));
         }
         if rate == 5_000 {
-            for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
-                let (u, r) = (unsigned.value_at_quantile(q) as f64, raw.value_at_quantile(q) as f64);
-                rows.push(row(
-                    format!("propagation {name}, 3 peers, {rate}/s, UNSIGNED (signing's cost)"),
-                    u,
-                    r,
-                    "us",
-                    u / r,
-                    "-",
-                    None,
-                ));
-            }
-            for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
-                let (o, c) = (ours.value_at_quantile(q) as f64, crypto.value_at_quantile(q) as f64);
-                rows.push(row(
-                    format!("propagation {name}, 3 peers, {rate}/s (raw: NATS batching alike + ed25519-dalek, sign and 3 verifies)"),
-                    o,
-                    c,
-                    "us",
-                    o / c,
-                    "report",
-                    None,
-                ));
-            }
+            let label = |name: &str| format!("propagation {name}, 3 peers, {rate}/s, UNSIGNED (signing's cost)");
+            median_and_tail(rows, &unsigned, &raw, label, "-", |_, _| None);
+            let label = |name: &str| {
+                format!("propagation {name}, 3 peers, {rate}/s (raw: NATS batching alike + ed25519-dalek, sign and 3 verifies)")
+            };
+            median_and_tail(rows, &ours, &crypto, label, "report", |_, _| None);
             if redis_ok {
-                for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
-                    let (o, t) = (ours.value_at_quantile(q) as f64, tracking.value_at_quantile(q) as f64);
-                    rows.push(row(
-                        format!("redis tracking: SET to push at 3 readers {name}, {rate}/s"),
-                        o,
-                        t,
-                        "us",
-                        o / t,
-                        "below Redis tracking",
-                        Some(o < t),
-                    ));
-                }
+                let label = |name: &str| format!("redis tracking: SET to push at 3 readers {name}, {rate}/s");
+                median_and_tail(rows, &ours, &tracking, label, "below Redis tracking", |o, t| {
+                    Some(o < t)
+                });
             }
         } else {
             let (o, u) = (
@@ -362,6 +336,21 @@ pub(crate) async fn propagation(
                 None,
             ));
         }
+    }
+}
+
+/// Rows of `ours` against `twin` at p50 and p99 (µs), named by `label` from the quantile's name.
+fn median_and_tail(
+    rows: &mut Vec<Row>,
+    ours: &hdrhistogram::Histogram<u64>,
+    twin: &hdrhistogram::Histogram<u64>,
+    label: impl Fn(&str) -> String,
+    goal: &str,
+    met: impl Fn(f64, f64) -> Option<bool>,
+) {
+    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        let (o, t) = (ours.value_at_quantile(q) as f64, twin.value_at_quantile(q) as f64);
+        rows.push(row(label(name), o, t, "us", o / t, goal, met(o, t)));
     }
 }
 
