@@ -221,7 +221,7 @@ pub(crate) async fn tag_purge(url: &str, sizes: &[usize], samples: usize, rows: 
         let peer = nats_bus(url, &format!("tag-peer-{m}")).await;
         let oc: Cache<Bytes> = origin.cache("tags", CacheConfig::new(4 * m as u64)).unwrap();
         let pc: Cache<Bytes> = peer.cache("tags", CacheConfig::new(4 * m as u64)).unwrap();
-        let raw = RawTagged::start(url, 4 * m as u64).await;
+        let mut raw = RawTagged::start(url, 4 * m as u64).await;
         let tagged = keys(m);
         let others: Vec<String> = (0..10_000).map(|i| format!("other:{i}")).collect();
         fill(&pc, &others, |_| vec!["keep".into()]).await;
@@ -406,7 +406,7 @@ struct RawValue {
 struct RawTagged {
     cache: moka::future::Cache<String, Arc<RawValue>>,
     publisher: async_nats::Client,
-    applied: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<u64>>,
+    applied: tokio::sync::mpsc::UnboundedReceiver<u64>,
     subscriber: tokio::task::JoinHandle<()>,
 }
 
@@ -438,7 +438,7 @@ impl RawTagged {
         RawTagged {
             cache,
             publisher,
-            applied: tokio::sync::Mutex::new(rx),
+            applied: rx,
             subscriber,
         }
     }
@@ -455,14 +455,13 @@ impl RawTagged {
     }
 
     /// Publishes a purge of `tag` and returns how long it took to reach moka (µs).
-    async fn purge(&self, tag: &str) -> u64 {
-        let mut applied = self.applied.lock().await;
+    async fn purge(&mut self, tag: &str) -> u64 {
         let at = now_us();
         let _ = self
             .publisher
             .publish(RAW_TAG_SUBJECT, Bytes::from(tag.to_owned()))
             .await;
-        match tokio::time::timeout(Duration::from_secs(30), applied.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(30), self.applied.recv()).await {
             Ok(Some(done)) => done.saturating_sub(at),
             _ => u64::MAX,
         }
