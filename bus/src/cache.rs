@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -174,20 +175,22 @@ impl<V> Slot<V> {
         self.tags.as_deref().map(|t| t.expires_ms)
     }
 
-    fn tags(&self) -> impl Iterator<Item = &str> + Clone {
-        self.tags
-            .as_deref()
-            .map(|t| t.tags.split('\0'))
-            .into_iter()
-            .flatten()
-            .filter(|t| !t.is_empty())
+    /// The hashes of the entry's tags (see [`TagSet`]).
+    #[inline]
+    fn tag_hashes(&self) -> &[u64] {
+        self.tags.as_deref().map_or(&[], |t| &t.hashes)
     }
 }
 
 /// A set of tags, shared by every entry that carries exactly these tags (and no expiry of its
-/// own). The tags are joined with NUL bytes (tags cannot contain NUL): one allocation per set.
+/// own). A tag is kept as its 64-bit hash under the cache's own randomly keyed hasher
+/// ([`LocalCache::tag_hash`]), which is also the key of its purge record: a read looks its
+/// entry's tags up without hashing or splitting any text, and nothing needs the text back. Two
+/// tags of one cache whose hashes collide would be purged together: a purge of one would hide
+/// the other's entries too (more misses, never a stale read); with a random key per cache
+/// nobody can aim for that.
 pub(crate) struct TagSet {
-    tags: Box<str>,
+    hashes: Box<[u64]>,
     /// For an entry with a time to live shorter than the cache's: when it ends, in milliseconds
     /// after the cache's `base` instant. Checked on read rather than with moka's per-entry
     /// expiry, which costs a timer-wheel node for every entry. 0 in shared sets.
@@ -197,18 +200,18 @@ pub(crate) struct TagSet {
 /// Most distinct tag sets interned per cache; beyond it, each entry gets its own.
 const MAX_INTERNED_TAG_SETS: usize = 1 << 20;
 
-/// A pool entry, looked up by the joined text.
+/// A pool entry, looked up by its tags' hashes.
 struct Interned(Arc<TagSet>);
 
-impl std::borrow::Borrow<str> for Interned {
-    fn borrow(&self) -> &str {
-        &self.0.tags
+impl std::borrow::Borrow<[u64]> for Interned {
+    fn borrow(&self) -> &[u64] {
+        &self.0.hashes
     }
 }
 
 impl PartialEq for Interned {
     fn eq(&self, other: &Self) -> bool {
-        self.0.tags == other.0.tags
+        self.0.hashes == other.0.hashes
     }
 }
 
@@ -216,7 +219,7 @@ impl Eq for Interned {}
 
 impl std::hash::Hash for Interned {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.tags.hash(state)
+        self.0.hashes.hash(state)
     }
 }
 
@@ -239,7 +242,9 @@ struct KeyLeases<V> {
     flight: Option<Flight<V>>,
 }
 
+/// The last purge of a tag: the tag's hash, its generation and when it was applied.
 struct Record {
+    tag: u64,
     gen: u64,
     at: Instant,
 }
@@ -282,7 +287,10 @@ pub(crate) struct LocalCache<V> {
     horizon: AtomicU64,
     last_tag_gen: AtomicU64,
     last_prefix_gen: AtomicU64,
-    tags: RwLock<HashMap<Box<str>, Record>>,
+    /// The last purge of each tag purged within a time to live, found by the tag's hash.
+    tags: RwLock<hashbrown::HashTable<Record>>,
+    /// Hashes tags, with a key of this cache's own (see [`TagSet`]).
+    tag_hasher: RandomState,
     /// Tag sets in use; sets no entry holds any more are dropped by the maintenance task.
     interned: Mutex<std::collections::HashSet<Interned>>,
     /// Reference point of the per-entry expiry times.
@@ -321,7 +329,8 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             horizon: AtomicU64::new(0),
             last_tag_gen: AtomicU64::new(0),
             last_prefix_gen: AtomicU64::new(0),
-            tags: RwLock::new(HashMap::new()),
+            tags: RwLock::new(hashbrown::HashTable::new()),
+            tag_hasher: RandomState::new(),
             interned: Mutex::new(std::collections::HashSet::new()),
             base: Instant::now(),
             open_leases: std::sync::atomic::AtomicUsize::new(0),
@@ -367,7 +376,9 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         if self.expired(slot) {
             return false;
         }
-        if s < self.last_tag_gen.load(Ordering::Acquire) && slot.tags.is_some() && self.tag_purged_since(slot.tags(), s)
+        if s < self.last_tag_gen.load(Ordering::Acquire)
+            && slot.tags.is_some()
+            && self.tag_purged_since(slot.tag_hashes(), s)
         {
             return false;
         }
@@ -384,9 +395,15 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             .is_some_and(|at| self.base.elapsed().as_millis() as u64 >= at)
     }
 
-    fn tag_purged_since<'t>(&self, mut tags: impl Iterator<Item = &'t str>, stamp: u64) -> bool {
+    /// The hash that stands for `tag` in this cache's tag sets and purge records.
+    fn tag_hash(&self, tag: &str) -> u64 {
+        self.tag_hasher.hash_one(tag)
+    }
+
+    fn tag_purged_since(&self, tags: &[u64], stamp: u64) -> bool {
         let records = self.tags.read().unwrap_or_else(|e| e.into_inner());
-        tags.any(|t| records.get(t).is_some_and(|r| r.gen > stamp))
+        tags.iter()
+            .any(|&h| records.find(h, |r| r.tag == h).is_some_and(|r| r.gen > stamp))
     }
 
     fn prefix_purged_since(&self, key: &str, stamp: u64) -> bool {
@@ -512,13 +529,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         }
     }
 
-    fn admissible<'t>(
-        &self,
-        key: &str,
-        lease: &Lease,
-        tags: impl Iterator<Item = &'t str>,
-        version: Option<u64>,
-    ) -> bool {
+    fn admissible(&self, key: &str, lease: &Lease, tags: &[u64], version: Option<u64>) -> bool {
         let s = lease.stamp;
         if lease.invalidated.load(Ordering::SeqCst)
             || s < self.all_gen.load(Ordering::SeqCst)
@@ -557,11 +568,11 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
     /// Inserts a loaded value under `lease` unless an invalidation overtook the load.
     pub async fn fill(&self, key: &str, lease: &Lease, loaded: Loaded<V>) -> FillOutcome {
         let mut tags = loaded.tags;
-        // A tag with a NUL byte cannot be purged (purges refuse it) and would break the joined
-        // tag set: it is not recorded.
+        // A tag with a NUL byte cannot be purged (purges refuse it): it is not recorded.
         tags.retain(|t| !t.is_empty() && !t.contains('\0'));
         tags.truncate(self.max_tags);
-        if !self.admissible(key, lease, tags.iter().map(String::as_str), loaded.version) {
+        let tags: Vec<u64> = tags.iter().map(|t| self.tag_hash(t)).collect();
+        if !self.admissible(key, lease, &tags, loaded.version) {
             self.metrics.rejected_fills.inc();
             tracing::debug!(cache = %self.name, key, "fill refused: invalidated during load");
             return FillOutcome::Refused;
@@ -577,11 +588,11 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         let tags = if expires_ms > 0 {
             flags |= HAS_EXPIRY;
             Some(Arc::new(TagSet {
-                tags: tags.join("\0").into_boxed_str(),
+                hashes: tags.into_boxed_slice(),
                 expires_ms,
             }))
         } else {
-            self.intern(&tags)
+            self.intern(tags)
         };
         let slot = Arc::new(Slot {
             value: loaded.value,
@@ -593,7 +604,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         // Checked again after the insert: an invalidation that ran between the first check and
         // the insert has marked the lease or written a record by now, and one that runs after
         // this check finds the entry in moka and removes it.
-        if self.admissible(key, lease, slot.tags(), slot.version()) {
+        if self.admissible(key, lease, slot.tag_hashes(), slot.version()) {
             slot.stamp_flags.fetch_or(SEALED, Ordering::Release);
             self.metrics.fills.inc();
             FillOutcome::Filled
@@ -607,17 +618,16 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         }
     }
 
-    fn intern(&self, tags: &[String]) -> Option<Arc<TagSet>> {
+    fn intern(&self, tags: Vec<u64>) -> Option<Arc<TagSet>> {
         if tags.is_empty() {
             return None;
         }
-        let joined = tags.join("\0");
         let mut pool = self.interned.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(set) = pool.get(joined.as_str()) {
+        if let Some(set) = pool.get(tags.as_slice()) {
             return Some(set.0.clone());
         }
         let set = Arc::new(TagSet {
-            tags: joined.into_boxed_str(),
+            hashes: tags.into_boxed_slice(),
             expires_ms: 0,
         });
         if pool.len() < MAX_INTERNED_TAG_SETS {
@@ -678,15 +688,15 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             }
             TargetRef::Tag(tag) => {
                 let g = self.next_gen();
+                let h = self.tag_hash(tag);
                 let overflow = {
                     let mut records = self.tags.write().unwrap_or_else(|e| e.into_inner());
-                    records.insert(
-                        tag.into(),
-                        Record {
-                            gen: g,
-                            at: Instant::now(),
-                        },
-                    );
+                    let record = Record {
+                        tag: h,
+                        gen: g,
+                        at: Instant::now(),
+                    };
+                    records.entry(h, |r| r.tag == h, |r| r.tag).insert(record);
                     records.len() > self.config.max_purge_records
                 };
                 self.last_tag_gen.fetch_max(g, Ordering::SeqCst);
@@ -784,8 +794,9 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         }
         let by_tag = if slot.tags.is_some() {
             let records = self.tags.read().unwrap_or_else(|e| e.into_inner());
-            slot.tags()
-                .filter_map(|t| records.get(t).map(|r| r.gen).filter(|&g| g > s))
+            slot.tag_hashes()
+                .iter()
+                .filter_map(|&h| records.find(h, |r| r.tag == h).map(|r| r.gen).filter(|&g| g > s))
                 .min()
         } else {
             None
@@ -904,7 +915,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         let mut max_pruned = 0;
         {
             let mut records = self.tags.write().unwrap_or_else(|e| e.into_inner());
-            records.retain(|_, r| {
+            records.retain(|r| {
                 let live = now.duration_since(r.at) < keep;
                 if !live {
                     max_pruned = max_pruned.max(r.gen);
@@ -1106,6 +1117,32 @@ mod tests {
         assert_eq!(c.get("c:1").await, Some(5));
         c.apply(&Target::All, None).await;
         assert_eq!(c.get("c:1").await, None);
+    }
+
+    #[tokio::test]
+    async fn tags_are_kept_as_hashes_one_set_per_combination_and_purged_through_them() {
+        let c = cache();
+        put(&c, "k1", &["a", "b"]).await;
+        put(&c, "k2", &["a", "b"]).await;
+        put(&c, "k3", &["ab"]).await;
+        // An entry with a time to live of its own holds a set of its own, outside the pool.
+        let l = c.lease("k4");
+        let loaded = Loaded::new(1).tag("b").ttl(Duration::from_secs(60));
+        assert_eq!(c.fill("k4", &l, loaded).await, FillOutcome::Filled);
+        c.release("k4", &l);
+        assert_eq!(c.stats().tag_sets, 2);
+        c.apply(&Target::Tag("b".into()), None).await;
+        for k in ["k1", "k2", "k4"] {
+            assert_eq!(c.get(k).await, None, "{k}");
+        }
+        assert_eq!(c.get("k3").await, Some(1));
+        // A fill after the purge is visible; the next purge of the tag replaces its record.
+        put(&c, "k1", &["a", "b"]).await;
+        assert_eq!(c.get("k1").await, Some(1));
+        c.apply(&Target::Tag("b".into()), None).await;
+        assert_eq!(c.get("k1").await, None);
+        assert_eq!(c.get("k3").await, Some(1));
+        assert_eq!(c.stats().tag_records, 1);
     }
 
     async fn put(c: &LocalCache<u64>, key: &str, tags: &[&str]) {
