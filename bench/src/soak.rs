@@ -39,7 +39,7 @@
 //! for less than the expiry plus 3 s (or holds one gone for longer), the origins tracked exceed
 //! the same bound, tag or prefix records exceed the names purged within 14.5 s (a record
 //! outlives its last purge by the time to live + 1 s, found by a pruning pass every 2.5 s, + 1 s
-//! for the sample), or their caps; or a
+//! for the sample; + 2 per part of the mix, see `mix_slot`), or their caps; or a
 //! post-warm-up window in which no traced invalidation was seen applied on all three nodes (the
 //! bus is stuck).
 //!
@@ -126,7 +126,8 @@ fn record_retention() -> Duration {
 }
 
 /// How many more invalidations of one part of the mix a retention can hold than the rate gives
-/// (see [`mix_slot`]).
+/// (see [`mix_slot`]); tag records come from two parts (known and fresh tags), prefix records
+/// from one.
 const MIX_DISCREPANCY: u64 = 2;
 
 /// The most tag records one cache should hold in steady state.
