@@ -13,13 +13,14 @@ process and publish through it in order.
         await p.publish([invalidation(cache="articles", key="hello-world", version=7)], ack=True)
 
 What is signed (proto/wire.proto, `Signed`): the Ed25519 signature covers
-`b"invalbus.v1:batch:" + body`, where `body` is the encoded `InvalidationBatch` carried, byte for
-byte, in the envelope.
+`b"invalbus.v2:batch:" + sha256(body)`, where `body` is the encoded `InvalidationBatch` carried,
+byte for byte, in the envelope, and `sha256(body)` its 32-byte digest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import secrets
 import time
@@ -51,7 +52,7 @@ def seal(seed: bytes, kind: str, body: bytes) -> bytes:
     import nkeys
 
     kp = nkeys.from_seed(bytearray(seed))
-    signature = kp.sign(b"invalbus.v1:" + kind.encode() + b":" + body)
+    signature = kp.sign(b"invalbus.v2:" + kind.encode() + b":" + hashlib.sha256(body).digest())
     return wire_pb2.Signed(body=body, signer=kp.public_key.decode(), signature=signature).SerializeToString()
 
 
