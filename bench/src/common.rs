@@ -173,19 +173,14 @@ pub(crate) fn rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-/// Bytes the allocator has handed out and not had back (glibc's `mallinfo2`: the arenas' used
-/// chunks and the mmapped blocks), to tell growth of what the process holds from growth of what
-/// the allocator keeps; 0 where the allocator is not glibc's.
+/// Bytes the allocator has handed out and not had back (jemalloc's `stats.allocated`, refreshed
+/// by advancing its epoch), to tell growth of what the process holds from growth of what the
+/// allocator keeps; 0 if the statistics cannot be read.
 pub(crate) fn heap_in_use_bytes() -> u64 {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallinfo2 takes no arguments and only reads the allocator's statistics.
-        let m = unsafe { libc::mallinfo2() };
-        (m.uordblks + m.hblkhd) as u64
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        0
+    use tikv_jemalloc_ctl::{epoch, stats};
+    match (epoch::advance(), stats::allocated::read()) {
+        (Ok(_), Ok(bytes)) => bytes as u64,
+        _ => 0,
     }
 }
 

@@ -5,6 +5,11 @@
 use clap::Parser;
 use invalbus_tests::NatsServer;
 
+/// The node binary's allocator (see `node/src/main.rs`), so that every figure, the raw twins'
+/// included, is measured on the allocator a node runs on.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod common;
 mod latency;
 mod local;

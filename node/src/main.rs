@@ -6,6 +6,12 @@ use invalbus_node::cli;
 
 mod demo;
 
+/// jemalloc rather than glibc's malloc: under a steady stream of invalidations glibc keeps the
+/// memory that batches and purge records free in its per-thread arenas, and RSS climbs in steps
+/// while the heap in use stays flat; jemalloc returns it (BENCHMARKS.md, "Soak").
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// An invalbus node and its tools.
 #[derive(Parser)]
 #[command(name = "invalbus-node", version, about)]
