@@ -173,17 +173,6 @@ pub(crate) fn rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-/// Bytes the allocator has handed out and not had back (jemalloc's `stats.allocated`, refreshed
-/// by advancing its epoch), to tell growth of what the process holds from growth of what the
-/// allocator keeps; 0 if the statistics cannot be read.
-pub(crate) fn heap_in_use_bytes() -> u64 {
-    use tikv_jemalloc_ctl::{epoch, stats};
-    match (epoch::advance(), stats::allocated::read()) {
-        (Ok(_), Ok(bytes)) => bytes as u64,
-        _ => 0,
-    }
-}
-
 pub(crate) fn single_batch_len() -> usize {
     let b = invalbus::Batch {
         origin: "p-5000-origin".into(),

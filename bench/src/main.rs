@@ -1,21 +1,19 @@
 //! `invalbus-bench`: measures invalbus next to the raw building blocks (moka, NATS, JetStream) in
 //! one run, alternating the two sides so that drift on a shared machine cancels, and prints the
 //! ratios.
+//!
+//! It runs on the system allocator, as a service that embeds the library does unless it picks
+//! another; the soak (`--soak`) runs in `invalbus-soak`, on the node binary's jemalloc (see
+//! `soak_main.rs`).
 
 use clap::Parser;
 use invalbus_tests::NatsServer;
-
-/// The node binary's allocator (see `node/src/main.rs`), so that every figure, the raw twins'
-/// included, is measured on the allocator a node runs on.
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod common;
 mod latency;
 mod local;
 mod multitier;
 mod redis;
-mod soak;
 mod throughput;
 
 /// Benchmarks of invalbus against raw moka and raw NATS.
@@ -39,6 +37,7 @@ struct Args {
     entries: usize,
     /// Run only the soak: 50,000 invalidations/s and reads on 3 nodes, with origins that come
     /// and go, sampled every 10 s, for this many minutes (exits non-zero only on a broken run).
+    /// Runs `invalbus-soak`, built beside this binary.
     #[arg(long)]
     soak: Option<u64>,
     /// Where the soak writes soak.csv and soak.svg.
@@ -58,12 +57,8 @@ async fn main() {
         memory_probe(kind, args.entries).await;
         return;
     }
-    if let Some(m) = args.soak {
-        let ok = soak::run(m, &args.soak_out).await;
-        if !ok {
-            std::process::exit(1);
-        }
-        return;
+    if let Some(minutes) = args.soak {
+        std::process::exit(run_soak(minutes, &args.soak_out));
     }
     let q = args.quick;
     println!(
@@ -171,4 +166,24 @@ async fn main() {
         rows.iter().filter(|r| r.met == Some(true)).count(),
         missed
     );
+}
+
+/// Runs `invalbus-soak` (the binary beside this one) for `minutes`, and returns its exit code.
+fn run_soak(minutes: u64, out: &std::path::Path) -> i32 {
+    let soak = std::env::current_exe().map(|exe| exe.with_file_name("invalbus-soak"));
+    let status = soak.and_then(|soak| {
+        std::process::Command::new(soak)
+            .arg("--minutes")
+            .arg(minutes.to_string())
+            .arg("--out")
+            .arg(out)
+            .status()
+    });
+    match status {
+        Ok(status) => status.code().unwrap_or(1),
+        Err(e) => {
+            eprintln!("invalbus-bench: cannot run invalbus-soak beside this binary ({e}); build it with `cargo build --release -p invalbus-bench`");
+            1
+        }
+    }
 }

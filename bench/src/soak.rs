@@ -1,4 +1,4 @@
-//! The soak (`invalbus-bench --soak MINUTES`): a steady invalidation load on three nodes with
+//! The soak (`invalbus-bench --soak MINUTES`, which runs `invalbus-soak`): a steady invalidation load on three nodes with
 //! origins that come and go, sampled every 10 s, to show that memory and every table stay
 //! bounded and that propagation stays flat.
 //!
@@ -44,9 +44,10 @@
 //! bus is stuck).
 //!
 //! Report only (printed met/MISSED; a 1-minute run on a shared 2-core CI machine is too noisy to
-//! fail on them): RSS growth under 5 % from the first post-warm-up sample to the last, p99 flat
-//! (median of the last third of the windows at most 1.5 x the first third's), the achieved
-//! rate, flushes, and traced invalidations never seen applied everywhere.
+//! fail on them): RSS growth under 5 % (the highest sample of the last third after the warm-up
+//! against the highest of the first third; the first and last samples are printed beside it),
+//! p99 flat (median of the last third of the windows at most 1.5 x the first third's), the
+//! achieved rate, flushes, and traced invalidations never seen applied everywhere.
 
 use std::collections::HashMap;
 use std::path::Path;
