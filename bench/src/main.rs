@@ -182,7 +182,10 @@ fn run_soak(minutes: u64, out: &std::path::Path) -> i32 {
     match status {
         Ok(status) => status.code().unwrap_or(1),
         Err(e) => {
-            eprintln!("invalbus-bench: cannot run invalbus-soak beside this binary ({e}); build it with `cargo build --release -p invalbus-bench`");
+            eprintln!(
+                "invalbus-bench: cannot run invalbus-soak beside this binary ({e}); \
+                 `cargo run --release --bin invalbus-soak -- --minutes {minutes}` builds and runs it"
+            );
             1
         }
     }
