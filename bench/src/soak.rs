@@ -1,6 +1,6 @@
-//! The soak (`invalbus-bench --soak MINUTES`, which runs `invalbus-soak`): a steady invalidation load on three nodes with
-//! origins that come and go, sampled every 10 s, to show that memory and every table stay
-//! bounded and that propagation stays flat.
+//! The soak (`invalbus-soak`; `invalbus-bench --soak MINUTES` runs it): a steady invalidation
+//! load on three nodes with origins that come and go, sampled every 10 s, to show that memory
+//! and every table stay bounded and that propagation stays flat.
 //!
 //! # What runs
 //! One nats-server with JetStream and buses built like the durable figure's (JetStream,
