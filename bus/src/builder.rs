@@ -476,10 +476,10 @@ impl BusBuilder {
                 break e;
             }
         };
-        let actor = if self.actor.is_empty() {
-            node_id.clone()
+        let actor: Arc<str> = if self.actor.is_empty() {
+            Arc::from(node_id.as_str())
         } else {
-            self.actor.clone()
+            Arc::from(self.actor.as_str())
         };
         // Receipts need NATS: the in-process hub has no audit log.
         let recorder = match (&link, self.receipts) {

@@ -246,7 +246,7 @@ impl Bus {
         for inv in &mut invalidations {
             codec::check_invalidation(inv, &self.inner.limits).map_err(InvalidateError::Invalid)?;
             if inv.actor.is_empty() {
-                inv.actor.clone_from(&self.inner.actor);
+                inv.actor = self.inner.actor.clone();
             }
         }
         // Applied here before the call returns: a read on this node after it sees the effect.
@@ -276,7 +276,8 @@ impl Bus {
         self.enqueue(invalidations, local, pending)
     }
 
-    /// Queues invalidations for the publisher in groups that each fit in one batch.
+    /// Queues invalidations for the publisher in groups that each fit in one batch. Most calls
+    /// make one group, which is the caller's `Vec` as it came.
     fn enqueue(
         &self,
         invalidations: Vec<Invalidation>,
@@ -285,40 +286,47 @@ impl Bus {
     ) -> Result<Ticket, InvalidateError> {
         let limits = &self.inner.limits;
         let room = limits.max_publish_bytes.saturating_sub(BATCH_OVERHEAD);
-        let mut groups = Vec::new();
-        let mut group = Vec::new();
-        let mut bytes = 0;
-        for inv in invalidations {
-            let len = codec::encoded_len(&inv);
-            if !group.is_empty() && (bytes + len > room || group.len() == limits.max_batch_invalidations) {
-                groups.push((std::mem::take(&mut group), bytes));
-                bytes = 0;
-            }
-            bytes += len;
-            group.push(inv);
-        }
-        groups.push((group, bytes));
-        let mut receivers = Vec::with_capacity(groups.len());
-        for (invalidations, bytes) in groups {
+        // Every group's receiver but the last, and the last.
+        let (mut earlier, mut last) = (Vec::new(), None);
+        let mut send = |invalidations: Vec<Invalidation>, bytes: usize| -> Result<(), InvalidateError> {
             let (tx, rx) = oneshot::channel();
             match self.inner.outbox.try_send(Outgoing {
                 invalidations,
                 bytes,
                 done: Some(tx),
             }) {
-                Ok(()) => receivers.push(rx),
+                Ok(()) => {
+                    earlier.extend(last.replace(rx));
+                    Ok(())
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     self.inner.metrics.publish_queue_full.inc();
                     tracing::warn!(node = %self.inner.node_id, "outbound queue full: invalidation applied locally, not published");
-                    return Err(InvalidateError::QueueFull(self.inner.outbound_capacity));
+                    Err(InvalidateError::QueueFull(self.inner.outbound_capacity))
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(InvalidateError::Closed),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(InvalidateError::Closed),
             }
+        };
+        let total: usize = invalidations.iter().map(codec::encoded_len).sum();
+        if invalidations.len() == 1 || (total <= room && invalidations.len() <= limits.max_batch_invalidations) {
+            send(invalidations, total)?;
+        } else {
+            let mut group = Vec::new();
+            let mut bytes = 0;
+            for inv in invalidations {
+                let len = codec::encoded_len(&inv);
+                if !group.is_empty() && (bytes + len > room || group.len() == limits.max_batch_invalidations) {
+                    send(std::mem::take(&mut group), bytes)?;
+                    bytes = 0;
+                }
+                bytes += len;
+                group.push(inv);
+            }
+            send(group, bytes)?;
         }
-        let rx = receivers.pop().ok_or(InvalidateError::Closed)?;
         Ok(Ticket {
-            rx,
-            earlier: receivers,
+            rx: last.ok_or(InvalidateError::Closed)?,
+            earlier,
             local,
             pending,
         })
@@ -630,10 +638,9 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
         I: IntoIterator,
         I::Item: AsRef<str>,
     {
-        let name = self.name();
         let invalidations = keys
             .into_iter()
-            .map(|k| Invalidation::new(Some(name), Target::Key(k.as_ref().to_owned())))
+            .map(|k| self.invalidation(Target::Key(k.as_ref().to_owned())))
             .collect();
         self.bus.invalidate_many(invalidations).await
     }
@@ -660,9 +667,14 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
     }
 
     async fn invalidate(&self, target: Target, version: Option<u64>) -> Result<Ticket, InvalidateError> {
-        let mut inv = Invalidation::new(Some(self.name()), target);
+        let mut inv = self.invalidation(target);
         inv.version = version;
         self.bus.invalidate(inv).await
+    }
+
+    /// An invalidation of `target` in this cache by the bus's actor, sharing both names.
+    fn invalidation(&self, target: Target) -> Invalidation {
+        Invalidation::shared(Some(self.local.name().clone()), self.bus.inner.actor.clone(), target)
     }
 
     /// Figures of this cache.

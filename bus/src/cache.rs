@@ -278,7 +278,8 @@ pub struct LoadError(pub Arc<dyn std::error::Error + Send + Sync>);
 
 /// The local half of a named cache; the bus wraps it in [`crate::Cache`].
 pub(crate) struct LocalCache<V> {
-    name: String,
+    /// Shared with every invalidation a handle of this cache makes.
+    name: Arc<str>,
     config: CacheConfig,
     max_tags: usize,
     moka: moka::future::Cache<String, Arc<Slot<V>>>,
@@ -321,7 +322,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         let window = config.version_window.unwrap_or(config.time_to_live);
         let floors = Floors::new(config.max_capacity, window);
         let cache = Arc::new(LocalCache {
-            name: name.to_owned(),
+            name: Arc::from(name),
             max_tags,
             moka: builder.build(),
             gen: AtomicU64::new(1),
@@ -347,7 +348,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         cache
     }
 
-    pub fn name(&self) -> &str {
+    pub fn name(&self) -> &Arc<str> {
         &self.name
     }
 
@@ -885,7 +886,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
     pub fn stats(&self) -> CacheStats {
         let m = &self.metrics;
         CacheStats {
-            name: self.name.clone(),
+            name: self.name.to_string(),
             entries: self.moka.entry_count(),
             hits: m.hits.get(),
             misses: m.misses.get(),

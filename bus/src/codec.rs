@@ -3,6 +3,8 @@
 //! Everything that arrives from the network passes through [`decode_batch`] or
 //! [`decode_heartbeat`], which check sizes and shapes before any cache sees the data.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use invalbus_proto::wire;
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
@@ -47,18 +49,22 @@ impl Target {
 }
 
 /// One invalidation, as applied locally and published to peers.
+///
+/// The cache name and the actor are shared strings: a cache handle and a bus hand the same ones
+/// to each invalidation they make, so a bulk call allocates only its keys (`"orders".into()`
+/// makes one from text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalidation {
     /// The cache it applies to; `None` means every cache.
-    pub cache: Option<String>,
+    pub cache: Option<Arc<str>>,
     /// What it removes.
     pub target: Target,
     /// For key targets: the version of the data after the write (see the crate docs).
     pub version: Option<u64>,
     /// Why, for the audit log.
     pub reason: String,
-    /// Who, for the audit log.
-    pub actor: String,
+    /// Who, for the audit log; empty means the bus's own actor (`BusBuilder::actor`).
+    pub actor: Arc<str>,
     /// Purge id given by the admin API (empty for library writes).
     pub purge_id: String,
 }
@@ -66,12 +72,17 @@ pub struct Invalidation {
 impl Invalidation {
     /// An invalidation of `target` in `cache` (or every cache), with no version, reason or actor.
     pub fn new(cache: Option<&str>, target: Target) -> Self {
+        Invalidation::shared(cache.map(Arc::from), Arc::default(), target)
+    }
+
+    /// An invalidation of `target` in `cache` (or every cache) by `actor`, sharing their text.
+    pub(crate) fn shared(cache: Option<Arc<str>>, actor: Arc<str>, target: Target) -> Self {
         Invalidation {
-            cache: cache.map(str::to_owned),
+            cache,
             target,
             version: None,
             reason: String::new(),
-            actor: String::new(),
+            actor,
             purge_id: String::new(),
         }
     }
@@ -121,11 +132,11 @@ impl TargetRef<'_> {
 impl InvalidationRef<'_> {
     pub(crate) fn to_invalidation(self) -> Invalidation {
         Invalidation {
-            cache: self.cache.map(str::to_owned),
+            cache: self.cache.map(Arc::from),
             target: self.target.to_target(),
             version: self.version,
             reason: self.reason.to_owned(),
-            actor: self.actor.to_owned(),
+            actor: Arc::from(self.actor),
             purge_id: self.purge_id.to_owned(),
         }
     }
@@ -416,7 +427,7 @@ pub fn encode_batch(batch: &Batch) -> Bytes {
         .invalidations
         .iter()
         .map(|inv| {
-            let len = invalidation_len(inv, inv.actor != actor);
+            let len = invalidation_len(inv, &*inv.actor != actor);
             key_len(5) + encoded_len_varint(len as u64) + len
         })
         .sum();
@@ -433,7 +444,7 @@ pub fn encode_batch(batch: &Batch) -> Bytes {
     put_u64(3, batch.seq, &mut buf);
     put_u64(4, batch.timestamp_us, &mut buf);
     for inv in &batch.invalidations {
-        let own_actor = inv.actor != actor;
+        let own_actor = &*inv.actor != actor;
         encode_key(5, WireType::LengthDelimited, &mut buf);
         encode_varint(invalidation_len(inv, own_actor) as u64, &mut buf);
         put_str(1, inv.cache.as_deref().unwrap_or_default(), &mut buf);
@@ -464,7 +475,7 @@ pub fn encode_batch(batch: &Batch) -> Bytes {
 
 /// The actor a batch names once: its first invalidation's.
 fn batch_actor(batch: &Batch) -> &str {
-    batch.invalidations.first().map_or("", |inv| inv.actor.as_str())
+    batch.invalidations.first().map_or("", |inv| &*inv.actor)
 }
 
 /// At most the size in bytes that `inv` adds to an encoded batch (its actor counted, which the
@@ -623,11 +634,11 @@ pub fn decode_batch_with_prost(payload: &[u8], namespace: &str, limits: &Limits)
             Some(W::All(false)) | None => return Err(DecodeError::Invalid(format!("invalidation {i} has no target"))),
         };
         let inv = Invalidation {
-            cache: if w.cache.is_empty() { None } else { Some(w.cache) },
+            cache: if w.cache.is_empty() { None } else { Some(w.cache.into()) },
             target,
             version: w.version,
             reason: w.reason,
-            actor: w.actor.unwrap_or_else(|| msg.actor.clone()),
+            actor: w.actor.as_deref().unwrap_or(&msg.actor).into(),
             purge_id: w.purge_id,
         };
         check_invalidation(&inv, limits).map_err(|e| DecodeError::Invalid(format!("invalidation {i}: {e}")))?;
@@ -659,7 +670,7 @@ pub fn encode_batch_with_prost(batch: &Batch) -> Bytes {
             .invalidations
             .iter()
             .map(|inv| wire::Invalidation {
-                cache: inv.cache.clone().unwrap_or_default(),
+                cache: inv.cache.as_deref().unwrap_or_default().to_owned(),
                 target: Some(match &inv.target {
                     Target::Key(k) => W::Key(k.clone()),
                     Target::Tag(t) => W::Tag(t.clone()),
@@ -668,7 +679,7 @@ pub fn encode_batch_with_prost(batch: &Batch) -> Bytes {
                 }),
                 version: inv.version,
                 reason: inv.reason.clone(),
-                actor: (inv.actor != actor).then(|| inv.actor.clone()),
+                actor: (&*inv.actor != actor).then(|| inv.actor.to_string()),
                 purge_id: inv.purge_id.clone(),
             })
             .collect(),
@@ -875,7 +886,7 @@ mod tests {
         for inv in &mut b.invalidations {
             inv.actor = "svc".into();
         }
-        b.invalidations[2].actor.clear();
+        b.invalidations[2].actor = Arc::default();
         b
     }
 
@@ -969,13 +980,13 @@ mod tests {
         }
         assert!(decode_batch(&cases[0], "ns", &limits).unwrap().seq == 9);
         assert!(decode_batch(&cases[5], "ns", &limits).is_ok());
-        let actors: Vec<String> = decode_batch(cases.last().unwrap(), "ns", &limits)
+        let actors: Vec<Arc<str>> = decode_batch(cases.last().unwrap(), "ns", &limits)
             .unwrap()
             .invalidations
             .into_iter()
             .map(|i| i.actor)
             .collect();
-        assert_eq!(actors, ["ops", ""]);
+        assert_eq!(actors, [Arc::from("ops"), Arc::from("")]);
         // Every truncation and many byte flips of a real batch (a fixed pseudo-random walk).
         for end in 0..bytes.len() {
             assert!(agree(&bytes[..end], &limits), "truncated at {end}");

@@ -74,10 +74,17 @@ async fn publish_batch(inner: &BusInner, subject: &str, items: Vec<Outgoing>) {
     // The sequence is used up whatever becomes of the publish: a batch that failed may still
     // have reached some peers, and reusing its number would make them skip the next one.
     let seq = inner.last_seq.load(Ordering::SeqCst) + 1;
-    let mut invalidations = Vec::with_capacity(items.iter().map(|o| o.invalidations.len()).sum());
+    let total: usize = items.iter().map(|o| o.invalidations.len()).sum();
+    let mut invalidations = Vec::new();
     let mut done = Vec::with_capacity(items.len());
     for o in items {
-        invalidations.extend(o.invalidations);
+        if invalidations.is_empty() {
+            // The first call's own `Vec` (often the only one) carries the batch.
+            invalidations = o.invalidations;
+            invalidations.reserve(total - invalidations.len());
+        } else {
+            invalidations.extend(o.invalidations);
+        }
         done.push(o.done);
     }
     let n = invalidations.len() as u64;

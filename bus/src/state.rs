@@ -107,7 +107,7 @@ pub(crate) struct BusInner {
     pub node_id: String,
     pub namespace: String,
     pub epoch: u64,
-    pub actor: String,
+    pub actor: Arc<str>,
     pub address: String,
     pub limits: Limits,
     pub subjects: Subjects,

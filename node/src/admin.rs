@@ -147,7 +147,7 @@ impl Admin for AdminService {
         for t in targets {
             let mut inv = Invalidation::new(cache, t);
             inv.reason = r.reason.clone();
-            inv.actor = who.name.clone();
+            inv.actor = who.name.as_str().into();
             inv.purge_id = purge_id.clone();
             match st.bus.invalidate(inv).await {
                 Ok(ticket) => tickets.push(ticket),

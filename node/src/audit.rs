@@ -185,14 +185,14 @@ impl Filter {
         {
             return false;
         }
-        if self.actor.as_ref().is_some_and(|a| *a != inv.actor) {
+        if self.actor.as_ref().is_some_and(|a| **a != *inv.actor) {
             return false;
         }
         if self.purge_id.as_ref().is_some_and(|p| *p != inv.purge_id) {
             return false;
         }
         if let (Some(c), Some(ic)) = (&self.cache, &inv.cache) {
-            if c != ic {
+            if **c != **ic {
                 return false;
             }
         }
@@ -229,12 +229,12 @@ impl Filter {
 
 fn audit_invalidation(i: &Invalidation) -> AuditInvalidation {
     AuditInvalidation {
-        cache: i.cache.clone().unwrap_or_default(),
+        cache: i.cache.as_deref().unwrap_or_default().to_owned(),
         kind: i.target.kind().to_owned(),
         target: i.target.text().to_owned(),
         version: i.version,
         reason: i.reason.clone(),
-        actor: i.actor.clone(),
+        actor: i.actor.to_string(),
         purge_id: i.purge_id.clone(),
     }
 }

@@ -418,7 +418,7 @@ impl SidecarService {
         let mut inv = Invalidation::new((!cache.is_empty()).then_some(cache), target);
         inv.version = version;
         inv.reason = reason;
-        inv.actor = who.name.clone();
+        inv.actor = who.name.as_str().into();
         let applied_us = invalbus::now_us();
         let ticket = self.state.bus.invalidate(inv).await.map_err(|e| match e {
             InvalidateError::Invalid(m) => self.state.auth.refusals.invalid(method, who, m),

@@ -209,7 +209,7 @@ async fn a_bulk_invalidation_reaches_both_peers_in_batches_under_one_ticket() {
     }
     assert_eq!(
         actors,
-        ["migration".to_owned()].into(),
+        [std::sync::Arc::from("migration")].into(),
         "every invalidation names the bus's actor"
     );
 
@@ -227,7 +227,7 @@ async fn a_bulk_invalidation_reaches_both_peers_in_batches_under_one_ticket() {
             other => panic!("the mixed bulk call did not reach c: {other:?}"),
         }
     };
-    let actors: Vec<&str> = got.iter().map(|i| i.actor.as_str()).collect();
+    let actors: Vec<&str> = got.iter().map(|i| &*i.actor).collect();
     assert_eq!(actors, ["migration", "ops", "migration"]);
     gone(&peers[1], "spared").await;
 
