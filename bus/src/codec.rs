@@ -63,7 +63,8 @@ pub struct Invalidation {
     pub version: Option<u64>,
     /// Why, for the audit log.
     pub reason: String,
-    /// Who, for the audit log; empty means the bus's own actor (`BusBuilder::actor`).
+    /// Who, for the audit log. Left empty on a call, it becomes the bus's own actor
+    /// (`BusBuilder::actor`); empty on a received invalidation, the publisher named none.
     pub actor: Arc<str>,
     /// Purge id given by the admin API (empty for library writes).
     pub purge_id: String,
