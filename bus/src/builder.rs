@@ -476,11 +476,11 @@ impl BusBuilder {
                 break e;
             }
         };
-        let actor: Arc<str> = if self.actor.is_empty() {
-            Arc::from(node_id.as_str())
+        let actor: Arc<str> = Arc::from(if self.actor.is_empty() {
+            node_id.as_str()
         } else {
-            Arc::from(self.actor.as_str())
-        };
+            self.actor.as_str()
+        });
         // Receipts need NATS: the in-process hub has no audit log.
         let recorder = match (&link, self.receipts) {
             (Link::Nats(client), true) => {

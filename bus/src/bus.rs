@@ -307,8 +307,19 @@ impl Bus {
                 Err(mpsc::error::TrySendError::Closed(_)) => Err(InvalidateError::Closed),
             }
         };
-        let total: usize = invalidations.iter().map(codec::encoded_len).sum();
-        if invalidations.len() == 1 || (total <= room && invalidations.len() <= limits.max_batch_invalidations) {
+        // The call's size if it is one group (a single invalidation always is); the count stops
+        // at the first invalidation past the room.
+        let one_group = if invalidations.len() == 1 {
+            Some(codec::encoded_len(&invalidations[0]))
+        } else if invalidations.len() <= limits.max_batch_invalidations {
+            invalidations.iter().try_fold(0, |total, inv| {
+                let total = total + codec::encoded_len(inv);
+                (total <= room).then_some(total)
+            })
+        } else {
+            None
+        };
+        if let Some(total) = one_group {
             send(invalidations, total)?;
         } else {
             let mut group = Vec::new();

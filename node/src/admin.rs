@@ -144,11 +144,18 @@ impl Admin for AdminService {
         };
         let applied_us = invalbus::now_us();
         let mut tickets = Vec::with_capacity(targets.len());
+        // Every target's invalidation shares the cache's name and the actor.
+        let template = Invalidation {
+            reason: r.reason.clone(),
+            actor: who.name.as_str().into(),
+            purge_id: purge_id.clone(),
+            ..Invalidation::new(cache, Target::All)
+        };
         for t in targets {
-            let mut inv = Invalidation::new(cache, t);
-            inv.reason = r.reason.clone();
-            inv.actor = who.name.as_str().into();
-            inv.purge_id = purge_id.clone();
+            let inv = Invalidation {
+                target: t,
+                ..template.clone()
+            };
             match st.bus.invalidate(inv).await {
                 Ok(ticket) => tickets.push(ticket),
                 Err(InvalidateError::Invalid(m)) => return Err(st.auth.refusals.invalid("Purge", &who, m)),
