@@ -118,7 +118,7 @@ pub(crate) fn parse_batch(mut buf: &[u8], max_invalidations: usize) -> Result<Ba
         seq: 0,
         timestamp_us: 0,
         namespace: "",
-        invalidations: Vec::new(),
+        invalidations: Vec::with_capacity(count_invalidations(buf).min(max_invalidations)),
         untargeted: None,
         beyond: 0,
     };
@@ -159,6 +159,20 @@ pub(crate) fn parse_batch(mut buf: &[u8], max_invalidations: usize) -> Result<Ba
         }
     }
     Ok(b)
+}
+
+/// How many invalidations a batch holds, to size their `Vec` once (a 1,024-key batch would
+/// otherwise grow it ten times): a pass over the top-level fields that reads only their keys and
+/// lengths. It stops at the first error, which [`parse_batch`] then reports.
+fn count_invalidations(mut buf: &[u8]) -> usize {
+    let mut n = 0;
+    while let Ok((tag, wt)) = decode_key(&mut buf) {
+        if skip(&mut buf, tag, wt, RECURSION_LIMIT).is_err() {
+            break;
+        }
+        n += usize::from(tag == 5 && wt == WireType::LengthDelimited);
+    }
+    n
 }
 
 /// One invalidation, whether it names a target, and whether it gives its own actor.
