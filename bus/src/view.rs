@@ -118,7 +118,7 @@ pub(crate) fn parse_batch(mut buf: &[u8], max_invalidations: usize) -> Result<Ba
         seq: 0,
         timestamp_us: 0,
         namespace: "",
-        invalidations: Vec::with_capacity(count_invalidations(buf).min(max_invalidations)),
+        invalidations: Vec::new(),
         untargeted: None,
         beyond: 0,
     };
@@ -127,6 +127,7 @@ pub(crate) fn parse_batch(mut buf: &[u8], max_invalidations: usize) -> Result<Ba
     // after them).
     let mut actorless = Vec::new();
     while !buf.is_empty() {
+        let before = buf.len();
         let (tag, wt) = decode_key(&mut buf)?;
         match tag {
             1 => b.origin = text(&mut buf, wt, "origin")?,
@@ -146,6 +147,13 @@ pub(crate) fn parse_batch(mut buf: &[u8], max_invalidations: usize) -> Result<Ba
                 if !own_actor {
                     actorless.push(b.invalidations.len());
                 }
+                if b.invalidations.is_empty() {
+                    // Room for the rest if they are the size of the first (most batches are one
+                    // kind of invalidation), so that the `Vec` is not grown ten times for 1,024
+                    // keys; no more than a full batch's.
+                    let each = before - buf.len();
+                    b.invalidations.reserve((1 + buf.len() / each).min(max_invalidations));
+                }
                 b.invalidations.push(inv);
             }
             6 => b.namespace = text(&mut buf, wt, "namespace")?,
@@ -159,20 +167,6 @@ pub(crate) fn parse_batch(mut buf: &[u8], max_invalidations: usize) -> Result<Ba
         }
     }
     Ok(b)
-}
-
-/// How many invalidations a batch holds, to size their `Vec` once (a 1,024-key batch would
-/// otherwise grow it ten times): a pass over the top-level fields that reads only their keys and
-/// lengths. It stops at the first error, which [`parse_batch`] then reports.
-fn count_invalidations(mut buf: &[u8]) -> usize {
-    let mut n = 0;
-    while let Ok((tag, wt)) = decode_key(&mut buf) {
-        if skip(&mut buf, tag, wt, RECURSION_LIMIT).is_err() {
-            break;
-        }
-        n += usize::from(tag == 5 && wt == WireType::LengthDelimited);
-    }
-    n
 }
 
 /// One invalidation, whether it names a target, and whether it gives its own actor.
