@@ -970,6 +970,32 @@ mod tests {
                 field(7, b"ops"),
             ]
             .concat(),
+            // UTF-8 is checked in one pass from the first invalidation on, up to the first byte
+            // that is not (a version past 127 here); the fields after it are checked alone.
+            [
+                head.clone(),
+                inv(&field(2, "é".as_bytes())),
+                inv(&[field(2, b"k"), key(6, 0), vec![0x80, 1]].concat()),
+                inv(&field(2, "ü".as_bytes())),
+                field(7, b"ops"),
+            ]
+            .concat(),
+            [
+                head.clone(),
+                inv(&[field(2, b"k"), key(6, 0), vec![0x80, 1]].concat()),
+                inv(&field(2, b"\xc3")),
+            ]
+            .concat(),
+            [
+                head.clone(),
+                inv(&field(2, b"a")),
+                inv(&field(2, b"\xe9")),
+                inv(&field(2, b"b")),
+            ]
+            .concat(),
+            // A key that ends in the first byte of a character whose second byte is the next
+            // field's key (field 16, two bytes): valid UTF-8 in the pass, not as a key.
+            [head.clone(), inv(&[field(2, b"\xc3"), vec![0x80, 1, 0]].concat())].concat(),
         ];
         for (i, c) in cases.iter().enumerate() {
             assert!(
@@ -981,7 +1007,18 @@ mod tests {
         }
         assert!(decode_batch(&cases[0], "ns", &limits).unwrap().seq == 9);
         assert!(decode_batch(&cases[5], "ns", &limits).is_ok());
-        let actors: Vec<Arc<str>> = decode_batch(cases.last().unwrap(), "ns", &limits)
+        let n = cases.len();
+        let keys: Vec<String> = decode_batch(&cases[n - 4], "ns", &limits)
+            .unwrap()
+            .invalidations
+            .into_iter()
+            .map(|i| i.target.text().to_owned())
+            .collect();
+        assert_eq!(keys, ["é", "k", "ü"]);
+        for c in &cases[n - 3..] {
+            assert!(decode_batch(c, "ns", &limits).is_err());
+        }
+        let actors: Vec<Arc<str>> = decode_batch(&cases[n - 5], "ns", &limits)
             .unwrap()
             .invalidations
             .into_iter()
