@@ -289,7 +289,9 @@ impl<'a> Checked<'a> {
         let rest = &msg[at..];
         let text = match std::str::from_utf8(rest) {
             Ok(text) => text,
-            // The run up to the error is valid (`Utf8Error::valid_up_to`).
+            // The run up to the error is valid (`Utf8Error::valid_up_to`); it is checked again
+            // to make it a `&str` without `unsafe`, at most once per message, and most often a
+            // few bytes (up to a version in the first invalidation).
             Err(e) => std::str::from_utf8(&rest[..e.valid_up_to()]).unwrap_or_default(),
         };
         Checked { at, text }
@@ -297,6 +299,7 @@ impl<'a> Checked<'a> {
 
     /// A length-delimited text field, as `delimited` reads it; `end` is where `buf` ends in the
     /// message.
+    ///
     /// Inlined into each of its callers: left to the compiler, it was a call each, which cost
     /// what the inline key and length reads saved.
     #[inline(always)]
