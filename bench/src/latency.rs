@@ -367,9 +367,10 @@ fn median_and_tail(
         let (o, t) = (ours.at(q), twin.at(q));
         let met = met(name, o, t);
         let goal = if met.is_some() || goal == "report" { goal } else { "-" };
-        let name = match label(name).strip_suffix(')') {
+        let name = label(name);
+        let name = match name.strip_suffix(')') {
             Some(open) => format!("{open}; median of {n} rounds)"),
-            None => format!("{} (median of {n} rounds)", label(name)),
+            None => format!("{name} (median of {n} rounds)"),
         };
         rows.push(row(name, o, t, "us", o / t, goal, met));
     }
